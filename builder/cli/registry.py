@@ -1,0 +1,17 @@
+"""CLI stage: the explicit registry of subcommands.
+
+Each entry names a module in ``builder.cli`` that defines ``HELP: str``,
+``add_arguments(parser: argparse.ArgumentParser) -> None`` and ``run(args: argparse.Namespace) -> int``.
+Those modules import only the standard library and lean project modules at import time, so that
+``build-engine --help`` stays fast; heavy work is imported inside ``run``.
+"""
+
+from __future__ import annotations
+
+# subcommand name -> module under builder.cli (order is the order shown in --help)
+SUBCOMMANDS: dict[str, str] = {
+    "analyze": "builder.cli.analyze",
+}
+
+# The one-shot pipeline runs when the first argument is not a subcommand (``build-engine model.onnx ...``).
+PIPELINE_COMMAND = "run"

@@ -1,0 +1,1 @@
+"""Graph intake and analysis stage: ONNX model -> GraphReport."""
