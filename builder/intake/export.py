@@ -39,7 +39,7 @@ def _import_torch() -> Any:
 def _encoder_module(model_dir: Path) -> Any:
     torch, transformers = _import_torch()
 
-    class SentenceEncoder(torch.nn.Module):  # type: ignore[misc]
+    class SentenceEncoder(torch.nn.Module):  # type: ignore[misc,name-defined]
         """Transformer body + masked mean pooling + L2 normalization."""
 
         def __init__(self) -> None:
