@@ -10,7 +10,11 @@ from __future__ import annotations
 
 # subcommand name -> module under builder.cli (order is the order shown in --help)
 SUBCOMMANDS: dict[str, str] = {
+    "demo": "builder.cli.demo",
     "analyze": "builder.cli.analyze",
+    "build": "builder.cli.build",
+    "export-triton": "builder.cli.export_triton",
+    "profile": "builder.cli.profile",
 }
 
 # The one-shot pipeline runs when the first argument is not a subcommand (``build-engine model.onnx ...``).
