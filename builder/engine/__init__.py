@@ -1,0 +1,1 @@
+"""Engine-build stage: ``build_engine()`` -> EngineArtifact (plan + manifest) under ``engines/<name>/``."""

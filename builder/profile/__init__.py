@@ -1,0 +1,1 @@
+"""Profiling stage: latency of ONNX Runtime sessions and TensorRT engines -> LatencyReport (JSON + PNG)."""

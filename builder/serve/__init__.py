@@ -1,0 +1,1 @@
+"""Serving stage: export engines into a Triton Inference Server model repository."""
