@@ -1,0 +1,1 @@
+"""Lowering stage: passes that turn a QuantPlan into a Q/DQ ONNX graph (portable or plugin variant)."""

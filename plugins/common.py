@@ -1,0 +1,102 @@
+"""Plugin room, shared by every fused plugin: the ONNX node convention, INT8 numerics and attribute checks.
+
+Pipeline stage: lowering (plugin-node fusion) and engine build. Only numpy and the shared error family are
+imported here, so ``calib`` and ``builder`` may use it without loading triton or tensorrt.
+
+Node convention (PLATFORM.md section 8): our own ONNX domain, op types without a prefix, attribute
+``plugin_version`` = ``"1"``, ``plugin_namespace`` = the TensorRT plugin namespace, scales and epsilon as
+FLOAT attributes, flags as INT attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+import numpy.typing as npt
+
+from calib.errors import GraphError, suggest
+
+# ONNX domain of our plugin nodes in the engine graph; TensorRT's parser reads the namespace attribute.
+DOMAIN = "build_engine"
+PLUGIN_NAMESPACE = "build_engine"
+PLUGIN_VERSION = "1"
+# ONNX Runtime runs Python custom ops only in this domain (onnxruntime-extensions)
+ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
+
+# Widest row one program of either kernel holds in registers (elements of the normalized / softmax axis).
+MAX_ROW_WIDTH = 16384
+
+INT8_MIN = -128
+INT8_MAX = 127
+
+# ONNX TensorProto element types the kernels accept for their float inputs, with their names.
+FLOAT_DTYPES: dict[int, str] = {1: "float32", 10: "float16"}
+
+
+def check_positive_finite(what: str, value: float) -> float:
+    """Return ``value`` as float if it is finite and > 0, else raise GraphError naming ``what``."""
+    number = float(value)
+    if not math.isfinite(number) or number <= 0.0:
+        raise GraphError(f"{what} = {value!r} is not allowed; it must be a finite number > 0")
+    return number
+
+
+def check_flag(what: str, value: int) -> bool:
+    """Return ``value`` as bool if it is 0 or 1, else raise GraphError naming ``what``."""
+    if int(value) not in (0, 1):
+        raise GraphError(f"{what} = {value!r} is not allowed; use 0 or 1")
+    return bool(value)
+
+
+def check_row_width(what: str, width: int) -> int:
+    """Return ``width`` if 1 <= width <= MAX_ROW_WIDTH, else raise GraphError naming ``what``."""
+    if not 1 <= int(width) <= MAX_ROW_WIDTH:
+        raise GraphError(
+            f"{what} = {width} is outside what the kernel holds in one pass; allowed 1..{MAX_ROW_WIDTH}"
+        )
+    return int(width)
+
+
+def check_float_dtype(what: str, elem_type: int) -> str:
+    """Return the numpy name of an ONNX float element type the kernels take, else raise GraphError."""
+    if elem_type in FLOAT_DTYPES:
+        return FLOAT_DTYPES[elem_type]
+    names = {v: k for k, v in _ONNX_TYPE_NAMES.items()}
+    name = names.get(elem_type, str(elem_type))
+    raise GraphError(
+        f"{what} has element type {name}; the plugin takes {', '.join(FLOAT_DTYPES.values())}"
+        + suggest(name, FLOAT_DTYPES.values())
+    )
+
+
+def check_known_keys(what: str, keys: Iterable[str], known: Iterable[str]) -> None:
+    """Raise GraphError if ``keys`` holds a name outside ``known`` (typos fail, with close matches)."""
+    known_list = list(known)
+    for key in keys:
+        if key not in known_list:
+            raise GraphError(
+                f"{what}: unknown attribute {key!r}; known: {', '.join(sorted(known_list))}"
+                + suggest(key, known_list)
+            )
+
+
+_ONNX_TYPE_NAMES: dict[str, int] = {
+    "float32": 1, "uint8": 2, "int8": 3, "uint16": 4, "int16": 5, "int32": 6, "int64": 7, "string": 8,
+    "bool": 9, "float16": 10, "float64": 11, "uint32": 12, "uint64": 13, "bfloat16": 16,
+}
+
+
+def inverse_scale(scale: float) -> float:
+    """The float32 reciprocal ``RN(1 / scale)`` the kernels multiply by (one IEEE division, on the host)."""
+    return float(np.float32(1.0) / np.float32(scale))
+
+
+def round_half_even_to_int8(values: npt.NDArray[np.float32]) -> npt.NDArray[np.int8]:
+    """Saturate to [-128, 127] and round half to even, as TensorRT's and ONNX's QuantizeLinear do.
+
+    Clamping before rounding gives the same codes as rounding first: the bounds are integers.
+    """
+    clipped = np.clip(values.astype(np.float32, copy=False), np.float32(INT8_MIN), np.float32(INT8_MAX))
+    return np.rint(clipped).astype(np.int8)

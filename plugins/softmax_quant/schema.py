@@ -1,0 +1,102 @@
+"""Plugin room, SoftmaxQuantize: the ONNX node contract (op type, domain, version, attributes, I/O dtypes).
+
+Pipeline stage: lowering (``builder.lower.fuse_plugins`` writes these nodes) and engine build.
+
+Inputs (ONNX order): ``x`` [..., N] float32|float16 (rank 1..4), optional additive ``mask`` of the same dtype
+that broadcasts to ``x`` by numpy's rules (rank <= x's, e.g. [B, 1, 1, N] or [1, N] for [B, H, S, N]).
+Output: ``y`` [..., N] int8 = quantize(softmax(x + mask, axis=-1), scale).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from calib.errors import GraphError
+from plugins.common import (
+    DOMAIN,
+    INT8_MAX,
+    PLUGIN_NAMESPACE,
+    PLUGIN_VERSION,
+    check_flag,
+    check_known_keys,
+    check_positive_finite,
+)
+
+OP_TYPE = "SoftmaxQuantize"
+SCHEMA_VERSION = 1
+# softmax outputs lie in [0, 1]: 1/127 is a legal static scale that needs no calibration (DESIGN.md section 3)
+DEFAULT_SCALE = 1.0 / INT8_MAX
+MAX_RANK = 4
+
+ATTRIBUTE_KINDS: dict[str, str] = {
+    "scale": "FLOAT",
+    "has_mask": "INT",
+    "plugin_version": "STRING",
+    "plugin_namespace": "STRING",
+}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SoftmaxQuantizeAttrs:
+    """Attributes of one SoftmaxQuantize node, validated at graph-building time."""
+
+    scale: float = DEFAULT_SCALE
+    has_mask: bool = False
+    version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        check_positive_finite(f"{OP_TYPE} scale", self.scale)
+        if self.version != SCHEMA_VERSION:
+            raise GraphError(f"{OP_TYPE} schema version {self.version} is not supported; use {SCHEMA_VERSION}")
+
+    @property
+    def num_inputs(self) -> int:
+        return 2 if self.has_mask else 1
+
+    def to_onnx_attributes(self) -> dict[str, float | int | str]:
+        return {
+            "scale": float(self.scale),
+            "has_mask": int(self.has_mask),
+            "plugin_version": PLUGIN_VERSION,
+            "plugin_namespace": PLUGIN_NAMESPACE,
+        }
+
+    @classmethod
+    def from_onnx_attributes(cls, attrs: Mapping[str, Any]) -> SoftmaxQuantizeAttrs:
+        check_known_keys(OP_TYPE, attrs.keys(), ATTRIBUTE_KINDS)
+        version = str(attrs.get("plugin_version", PLUGIN_VERSION))
+        if version != PLUGIN_VERSION:
+            raise GraphError(f"{OP_TYPE} plugin_version {version!r} is not supported; use {PLUGIN_VERSION!r}")
+        return cls(
+            scale=float(attrs.get("scale", DEFAULT_SCALE)),
+            has_mask=check_flag(f"{OP_TYPE} has_mask", int(attrs.get("has_mask", 0))),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SoftmaxQuantizeAttrs:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise GraphError(f"{OP_TYPE} attributes JSON must be an object, got {type(data).__name__}")
+        check_known_keys(f"{OP_TYPE} JSON", data.keys(), [f.name for f in cls.__dataclass_fields__.values()])
+        return cls(**data)
+
+
+def check_mask_shape(x_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> None:
+    """Raise GraphError unless ``mask_shape`` broadcasts to ``x_shape`` (numpy rules, right-aligned, no
+    higher rank): every mask dim is 1 or equal to the input's dim it aligns with."""
+    if len(mask_shape) > len(x_shape):
+        raise GraphError(f"{OP_TYPE} mask rank {len(mask_shape)} exceeds the input rank {len(x_shape)}")
+    offset = len(x_shape) - len(mask_shape)
+    for axis, m in enumerate(mask_shape):
+        x = x_shape[offset + axis]
+        if m not in (1, x):
+            raise GraphError(f"{OP_TYPE} mask dim {axis} is {m}; allowed 1 or {x} (the input's aligned dim)")
+
+
+__all__ = ["ATTRIBUTE_KINDS", "DEFAULT_SCALE", "DOMAIN", "MAX_RANK", "OP_TYPE", "SoftmaxQuantizeAttrs"]
