@@ -43,7 +43,8 @@ bench: setup
 	$(PY) -m bench.run
 
 bench-gpu: setup
-	$(PY) -m bench.gpu
+	$(PY) -m bench.gpu --out engines/bench/gpu_kernels.json
+	$(PY) -m bench.gpu_latency --json engines/bench/gpu_latency.json
 
 clean:
 	rm -rf build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
