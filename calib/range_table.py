@@ -48,6 +48,7 @@ class TensorRange:
     channel_amax: tuple[float, ...] | None = None  # per last-axis index amax (CHANNEL/GROUP, outlier report)
     dim_min: tuple[float, ...] | None = None  # per last-axis index min (PEG ranges r_j = max - min)
     dim_max: tuple[float, ...] | None = None
+    num_groups: int | None = None  # GROUP granularity: K groups over the range-sorted dims (calib.methods.peg_groups)
 
     def __post_init__(self) -> None:
         if not (self.amax > 0.0) or self.amax != self.amax or self.amax == float("inf"):
@@ -72,6 +73,7 @@ class TensorRange:
             "channel_amax": None if self.channel_amax is None else list(self.channel_amax),
             "dim_min": None if self.dim_min is None else list(self.dim_min),
             "dim_max": None if self.dim_max is None else list(self.dim_max),
+            "num_groups": self.num_groups,
         }
 
     @classmethod
@@ -91,6 +93,7 @@ class TensorRange:
             channel_amax=_tuple("channel_amax"),
             dim_min=_tuple("dim_min"),
             dim_max=_tuple("dim_max"),
+            num_groups=None if data.get("num_groups") is None else int(data["num_groups"]),
         )
 
 

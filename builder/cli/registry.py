@@ -12,9 +12,12 @@ from __future__ import annotations
 SUBCOMMANDS: dict[str, str] = {
     "demo": "builder.cli.demo",
     "analyze": "builder.cli.analyze",
+    "calibrate": "builder.cli.calibrate",
+    "quantize": "builder.cli.quantize",
     "build": "builder.cli.build",
     "export-triton": "builder.cli.export_triton",
     "profile": "builder.cli.profile",
+    "evaluate": "builder.cli.evaluate",
 }
 
 # The one-shot pipeline runs when the first argument is not a subcommand (``build-engine model.onnx ...``).

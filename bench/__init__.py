@@ -1,0 +1,1 @@
+"""Benchmarks run by `make bench` (CPU) and `make bench-gpu`; each prints a table and writes JSON."""

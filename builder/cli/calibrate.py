@@ -1,0 +1,166 @@
+"""CLI stage: ``build-engine calibrate`` -- collect activation statistics on real text and write the RangeTable."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from calib.range_table import RangeTable
+    from calib.tensor_stats import TensorStats
+
+HELP = """\
+Calibrate an ONNX model on real text: observe its activations and decide INT8 ranges.
+
+Runs ONNX Runtime over tokenized text (padding excluded), folds each observed tensor into streaming observers
+(abs-max, TensorRT's 2048-bin |x| histogram, per-dimension min/max, per-token max) and decides one range per
+tensor with --method: max, percentile (--percentile 99.9 / 99.99 / 99.999 / any), entropy (TensorRT
+EntropyCalibration2) or mse. Observed tensors come from the graph analysis (GEMM inputs, LayerNorm, softmax,
+FFN and residual outputs). Writes ranges.json (RangeTable), calibration.cache (TensorRT's text format) and
+calibration_state.npz (observer states: an interrupted run resumes from it; a finished one is reused).
+--report adds the outlier report (outliers.md / .json and per-dimension range plots).
+Data: vader (rated movie sentences; calibration split disjoint from evaluation), lee (gensim Lee background
+corpus) or a .txt (one text per line) / .jsonl ({"text": ...} per line) file.
+"""
+
+EPILOG = """\
+examples:
+  build-engine calibrate model.onnx --data vader --samples 512 --method entropy -o engines/minilm
+  build-engine calibrate model.onnx --method percentile --percentile 99.99 --report -o engines/minilm
+  build-engine calibrate model.onnx --data texts.jsonl --method mse --granularity group --groups 6
+
+exit codes: 0 ok, 2 bad flag or file, 3 unreadable model, bad or empty calibration data, non-finite activations
+"""
+
+METHODS = ("max", "percentile", "entropy", "mse")
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="ONNX model file (float)")
+    data = parser.add_argument_group("calibration data")
+    data.add_argument("--data", default="vader", help="vader, lee, or a .txt/.jsonl file (default: vader)")
+    data.add_argument("--samples", type=int, default=512, help="number of texts (default: 512)")
+    data.add_argument("--seed", type=int, default=0, help="shuffle seed of the data split (default: 0)")
+    data.add_argument("--batch-size", type=int, default=16, help="texts per batch (default: 16)")
+    data.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens (default: 128)")
+    data.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the bundled MiniLM tokenizer)")
+    ranges = parser.add_argument_group("ranges")
+    ranges.add_argument("--method", choices=METHODS, default="entropy", help="range method (default: entropy)")
+    ranges.add_argument("--percentile", type=float, help="percentile for --method percentile, e.g. 99.99")
+    ranges.add_argument("--granularity", choices=GRANULARITIES, default="tensor", help="default: tensor")
+    ranges.add_argument("--groups", type=int, help="number of embedding groups K for --granularity group")
+    ranges.add_argument("--bins", type=int, default=2048, help="initial histogram bins (default: 2048)")
+    ranges.add_argument("--tensor", action="append", dest="tensors", metavar="NAME",
+                        help="observe this tensor (repeatable; default: chosen from the graph analysis)")
+    out = parser.add_argument_group("output")
+    out.add_argument("-o", "--output", type=Path, help="output folder (default: engines/<model name>)")
+    out.add_argument("--report", action="store_true", help="also write the outlier report and plots")
+    out.add_argument("--trt-version", default="10.3.0", help="TensorRT version in the cache header (default: 10.3.0)")
+    out.add_argument("--fresh", action="store_true", help="ignore an existing calibration_state.npz")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _labels(report: object) -> dict[str, tuple[int | None, str]]:
+    from builder.graph.report import GraphReport
+    from builder.graph.targets import GEMM_ROLES
+
+    assert isinstance(report, GraphReport)
+    labels: dict[str, tuple[int | None, str]] = {}
+    for a in report.assignments:
+        for name in a.outputs:
+            labels.setdefault(name, (a.layer, a.role.value))
+    for a in report.assignments:
+        if a.role in GEMM_ROLES:
+            for name in a.inputs:
+                labels.setdefault(name, (a.layer, f"{a.role.value}.input"))
+    return labels
+
+
+def run(args: argparse.Namespace) -> int:
+    import onnx
+    from tqdm import tqdm
+
+    from builder.graph.analyze import analyze
+    from builder.graph.load import load_model
+    from builder.graph.targets import calibration_tensors
+    from calib.cache import tensorrt_header
+    from calib.calibrate import RangeSpec, range_table
+    from calib.collect import CollectOptions, collect
+    from calib.data import calibration_texts
+    from calib.errors import ConfigError
+    from calib.range_table import Granularity, RangeMethod
+    from calib.tokenize import encode
+
+    spec = RangeSpec(method=RangeMethod(args.method), percentile=args.percentile,
+                     granularity=Granularity(args.granularity), num_groups=args.groups)
+    header = tensorrt_header(args.trt_version)
+    if args.samples < 1 or args.batch_size < 1:
+        raise ConfigError(f"--samples {args.samples} and --batch-size {args.batch_size} must be at least 1")
+    model: onnx.ModelProto = load_model(args.model)
+    name = args.model.stem
+    output: Path = args.output or Path("engines") / name
+    report = analyze(model, name=name)
+    tensors = list(args.tensors) if args.tensors else calibration_tensors(model, report)
+    if spec.num_groups is not None and report.hidden_size and report.hidden_size % spec.num_groups:
+        raise ConfigError(f"--groups {spec.num_groups} must divide the hidden size {report.hidden_size}")
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        from builder.intake.minilm import tokenizer_json_path
+
+        tokenizer = tokenizer_json_path()
+    texts = calibration_texts(args.data, args.samples, args.seed)
+    state = output / "calibration_state.npz"
+    if args.fresh:
+        state.unlink(missing_ok=True)
+    total = math.ceil(len(texts) / args.batch_size)
+    bar = tqdm(total=total, unit="batch", desc="calibrating", disable=args.no_progress)
+
+    def progress(batches: int, samples: int) -> None:
+        bar.update(batches - bar.n)
+
+    options = CollectOptions(num_bins=args.bins, checkpoint=state, data_source=f"{args.data}:{len(texts)}",
+                             progress=progress)
+    started = time.perf_counter()
+    try:
+        feeds = encode(texts, tokenizer, args.max_length, args.batch_size, sort_by_length=True)
+        collection = collect(args.model, feeds, tensors, options)
+    finally:
+        bar.close()
+    collected_s = time.perf_counter() - started
+    _write_ranges(range_table(collection, spec, model_name=name, data_source=options.data_source), output, header)
+    if collection.resumed_batches:
+        print(f"reused {collection.resumed_batches} of {collection.batches} batches from {state}")
+    print(f"calibrated {len(tensors)} tensors on {collection.samples} texts ({args.data}) in {collected_s:.1f} s: "
+          f"method {spec.method.value}{'' if spec.percentile is None else f' {spec.percentile:g}'}, "
+          f"granularity {spec.granularity.value}")
+    print(f"wrote {output / 'ranges.json'}, {output / 'calibration.cache'}, {state}")
+    if args.report:
+        _write_report(collection.stats, _labels(report), output, tokenizer)
+    return 0
+
+
+def _write_ranges(table: RangeTable, output: Path, header: str) -> None:
+    from calib.artifact_io import atomic_write_text
+    from calib.cache import cache_from_ranges, format_cache
+
+    atomic_write_text(output / "ranges.json", table.to_json())
+    atomic_write_text(output / "calibration.cache", format_cache(cache_from_ranges(table, header)))
+
+
+def _write_report(stats: Mapping[str, TensorStats], labels: dict[str, tuple[int | None, str]], output: Path,
+                  tokenizer: Path) -> None:
+    from tokenizers import Tokenizer
+
+    from calib.outliers import outlier_report, write_outlier_report
+
+    vocab = Tokenizer.from_file(str(tokenizer))
+    report = outlier_report(stats, labels, token_name=lambda i: str(vocab.id_to_token(i) or f"<{i}>"))
+    written = write_outlier_report(report, stats, labels, output)
+    dims = ", ".join(f"{d} ({n} tensors)" for d, n in list(report.dimension_counts().items())[:6])
+    print(f"outlier dimensions: {dims or 'none'}")
+    print("wrote " + ", ".join(str(p) for p in written))
