@@ -32,32 +32,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="ONNX file, or an engine folder containing model.onnx")
     parser.add_argument("-o", "--output", type=Path, help="engine folder (default: MODEL's folder when MODEL is "
                         "a folder, else engines/<model stem>)")
-    parser.add_argument("--backend", default="auto", help="auto | tensorrt | tensorrt-rtx (default: auto)")
-    parser.add_argument("--batch", default="1,8,32", help="batch min,opt,max of the profile (default: 1,8,32)")
-    parser.add_argument("--seq", default="1,128,128", help="sequence min,opt,max (default: 1,128,128)")
-    parser.add_argument("--workspace-mib", type=int, help="workspace memory limit in MiB")
-    parser.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default: 3)")
-    parser.add_argument("--timing-cache", help="timing cache file, read and updated (full TensorRT only)")
-    parser.add_argument("--arch", action="append", help="TensorRT-RTX target(s), e.g. sm86 or sm86,sm89 "
-                        "(default: sm80,sm86,sm89,sm120)")
-    parser.add_argument("--typing", default="strong", choices=["strong", "weak"], help="network typing "
-                        "(weak: TensorRT 10 only)")
-    parser.add_argument("--int8-mode", default="explicit", choices=["explicit", "implicit"],
-                        help="explicit Q/DQ, or TensorRT 10's implicit INT8 fed from --calibration-cache")
-    parser.add_argument("--calibration-cache", help="TensorRT calibration cache for --int8-mode implicit "
-                        "(default: calibration.cache next to the model)")
-    parser.add_argument("--layer-precision", action="append", default=[], metavar="PATTERN=DTYPE",
-                        help="weakly typed TensorRT 10: pin layers matching PATTERN to fp32/fp16/bf16 (repeatable)")
-    parser.add_argument("--precision-list", type=Path, help="weakly typed TensorRT 10: node -> precision JSON from "
-                        "`build-engine quantize` (default: precision.json next to the model, with --typing weak)")
-    parser.add_argument("--plugin-library", action="append", default=[], help="plugin shared library to load")
-    parser.add_argument("--plugin-module", action="append", default=[], help="Python module registering "
-                        "Quickly Deployable Plugins (e.g. plugins.layernorm_quant.plugin)")
+    add_engine_arguments(parser.add_argument_group("engine"))
     parser.add_argument("--force", action="store_true", help="rebuild even when the inputs are unchanged")
     parser.add_argument("--print-config", action="store_true", help="print the resolved build options and exit")
 
 
-def _options(args: argparse.Namespace, model_path: Path) -> BuildOptions:
+def add_engine_arguments(group: argparse._ArgumentGroup) -> None:
+    """The engine flag group, shared by ``build`` and the one-shot pipeline."""
+    group.add_argument("--backend", default="auto", help="auto | tensorrt | tensorrt-rtx (default: auto)")
+    group.add_argument("--batch", default="1,8,32", help="batch min,opt,max of the profile (default: 1,8,32)")
+    group.add_argument("--seq", default="1,128,128", help="sequence min,opt,max (default: 1,128,128)")
+    group.add_argument("--workspace-mib", type=int, help="workspace memory limit in MiB")
+    group.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default: 3)")
+    group.add_argument("--timing-cache", help="timing cache file, read and updated (full TensorRT only)")
+    group.add_argument("--arch", action="append", help="TensorRT-RTX target(s), e.g. sm86 or sm86,sm89 "
+                        "(default: sm80,sm86,sm89,sm120)")
+    group.add_argument("--typing", default="strong", choices=["strong", "weak"], help="network typing "
+                        "(weak: TensorRT 10 only)")
+    group.add_argument("--int8-mode", default="explicit", choices=["explicit", "implicit"],
+                        help="explicit Q/DQ, or TensorRT 10's implicit INT8 fed from --calibration-cache")
+    group.add_argument("--calibration-cache", help="TensorRT calibration cache for --int8-mode implicit "
+                        "(default: calibration.cache next to the model)")
+    group.add_argument("--layer-precision", action="append", default=[], metavar="PATTERN=DTYPE",
+                        help="weakly typed TensorRT 10: pin layers matching PATTERN to fp32/fp16/bf16 (repeatable)")
+    group.add_argument("--precision-list", type=Path, help="weakly typed TensorRT 10: node -> precision JSON from "
+                        "`build-engine quantize` (default: precision.json next to the model, with --typing weak)")
+    group.add_argument("--plugin-library", action="append", default=[], help="plugin shared library to load")
+    group.add_argument("--plugin-module", action="append", default=[], help="Python module registering "
+                        "Quickly Deployable Plugins (e.g. plugins.layernorm_quant.plugin)")
+
+
+def build_options(args: argparse.Namespace, model_path: Path) -> BuildOptions:
+    """BuildOptions from the engine flag group (side files looked up next to ``model_path``)."""
     from builder.backends.options import (
         DEFAULT_RTX_ARCHITECTURES,
         BackendName,
@@ -118,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         default_out = Path("engines") / model_path.stem
     if not model_path.is_file():
         raise ConfigError(f"model {str(model_path)!r} does not exist")
-    options = _options(args, model_path)
+    options = build_options(args, model_path)
     if args.print_config:
         print(json.dumps(options.to_dict(), indent=2, sort_keys=True))
         return 0

@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import math
 import time
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from calib.range_table import RangeTable
-    from calib.tensor_stats import TensorStats
 
 HELP = """\
 Calibrate an ONNX model on real text: observe its activations and decide INT8 ranges.
@@ -65,42 +58,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _labels(report: object) -> dict[str, tuple[int | None, str]]:
-    from builder.graph.report import GraphReport
-    from builder.graph.targets import GEMM_ROLES
-
-    assert isinstance(report, GraphReport)
-    labels: dict[str, tuple[int | None, str]] = {}
-    for a in report.assignments:
-        for name in a.outputs:
-            labels.setdefault(name, (a.layer, a.role.value))
-    for a in report.assignments:
-        if a.role in GEMM_ROLES:
-            for name in a.inputs:
-                labels.setdefault(name, (a.layer, f"{a.role.value}.input"))
-    return labels
-
-
 def run(args: argparse.Namespace) -> int:
     import onnx
-    from tqdm import tqdm
 
+    from builder.cli.steps import (
+        STATE_FILE,
+        CalibSettings,
+        collect_statistics,
+        tensor_labels,
+        write_outliers,
+        write_ranges,
+    )
     from builder.graph.analyze import analyze
     from builder.graph.load import load_model
     from builder.graph.targets import calibration_tensors
     from calib.cache import tensorrt_header
     from calib.calibrate import RangeSpec, range_table
-    from calib.collect import CollectOptions, collect
-    from calib.data import calibration_texts
     from calib.errors import ConfigError
     from calib.range_table import Granularity, RangeMethod
-    from calib.tokenize import encode
 
     spec = RangeSpec(method=RangeMethod(args.method), percentile=args.percentile,
                      granularity=Granularity(args.granularity), num_groups=args.groups)
     header = tensorrt_header(args.trt_version)
-    if args.samples < 1 or args.batch_size < 1:
-        raise ConfigError(f"--samples {args.samples} and --batch-size {args.batch_size} must be at least 1")
+    settings = CalibSettings(data=args.data, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
+                             max_length=args.max_length, tokenizer=args.tokenizer, bins=args.bins)
     model: onnx.ModelProto = load_model(args.model)
     name = args.model.stem
     output: Path = args.output or Path("engines") / name
@@ -108,59 +89,22 @@ def run(args: argparse.Namespace) -> int:
     tensors = list(args.tensors) if args.tensors else calibration_tensors(model, report)
     if spec.num_groups is not None and report.hidden_size and report.hidden_size % spec.num_groups:
         raise ConfigError(f"--groups {spec.num_groups} must divide the hidden size {report.hidden_size}")
-    tokenizer = args.tokenizer
-    if tokenizer is None:
-        from builder.intake.minilm import tokenizer_json_path
-
-        tokenizer = tokenizer_json_path()
-    texts = calibration_texts(args.data, args.samples, args.seed)
-    state = output / "calibration_state.npz"
-    if args.fresh:
-        state.unlink(missing_ok=True)
-    total = math.ceil(len(texts) / args.batch_size)
-    bar = tqdm(total=total, unit="batch", desc="calibrating", disable=args.no_progress)
-
-    def progress(batches: int, samples: int) -> None:
-        bar.update(batches - bar.n)
-
-    options = CollectOptions(num_bins=args.bins, checkpoint=state, data_source=f"{args.data}:{len(texts)}",
-                             progress=progress)
     started = time.perf_counter()
-    try:
-        feeds = encode(texts, tokenizer, args.max_length, args.batch_size, sort_by_length=True)
-        collection = collect(args.model, feeds, tensors, options)
-    finally:
-        bar.close()
+    collection = collect_statistics(args.model, tensors, settings, output, fresh=args.fresh,
+                                    progress=not args.no_progress)
     collected_s = time.perf_counter() - started
-    _write_ranges(range_table(collection, spec, model_name=name, data_source=options.data_source), output, header)
+    data_source = f"{args.data}:{collection.samples}"
+    write_ranges(range_table(collection, spec, model_name=name, data_source=data_source), output, header)
     if collection.resumed_batches:
-        print(f"reused {collection.resumed_batches} of {collection.batches} batches from {state}")
+        print(f"reused {collection.resumed_batches} of {collection.batches} batches from {output / STATE_FILE}")
     print(f"calibrated {len(tensors)} tensors on {collection.samples} texts ({args.data}) in {collected_s:.1f} s: "
           f"method {spec.method.value}{'' if spec.percentile is None else f' {spec.percentile:g}'}, "
           f"granularity {spec.granularity.value}")
-    print(f"wrote {output / 'ranges.json'}, {output / 'calibration.cache'}, {state}")
+    print(f"wrote {output / 'ranges.json'}, {output / 'calibration.cache'}, {output / STATE_FILE}")
     if args.report:
-        _write_report(collection.stats, _labels(report), output, tokenizer)
+        outliers, written = write_outliers(collection.stats, tensor_labels(report), output,
+                                           settings.tokenizer_path())
+        dims = ", ".join(f"{d} ({n} tensors)" for d, n in list(outliers.dimension_counts().items())[:6])
+        print(f"outlier dimensions: {dims or 'none'}")
+        print("wrote " + ", ".join(str(p) for p in written))
     return 0
-
-
-def _write_ranges(table: RangeTable, output: Path, header: str) -> None:
-    from calib.artifact_io import atomic_write_text
-    from calib.cache import cache_from_ranges, format_cache
-
-    atomic_write_text(output / "ranges.json", table.to_json())
-    atomic_write_text(output / "calibration.cache", format_cache(cache_from_ranges(table, header)))
-
-
-def _write_report(stats: Mapping[str, TensorStats], labels: dict[str, tuple[int | None, str]], output: Path,
-                  tokenizer: Path) -> None:
-    from tokenizers import Tokenizer
-
-    from calib.outliers import outlier_report, write_outlier_report
-
-    vocab = Tokenizer.from_file(str(tokenizer))
-    report = outlier_report(stats, labels, token_name=lambda i: str(vocab.id_to_token(i) or f"<{i}>"))
-    written = write_outlier_report(report, stats, labels, output)
-    dims = ", ".join(f"{d} ({n} tensors)" for d, n in list(report.dimension_counts().items())[:6])
-    print(f"outlier dimensions: {dims or 'none'}")
-    print("wrote " + ", ".join(str(p) for p in written))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 # subcommand name -> module under builder.cli (order is the order shown in --help)
 SUBCOMMANDS: dict[str, str] = {
+    "run": "builder.cli.run",
     "demo": "builder.cli.demo",
     "analyze": "builder.cli.analyze",
     "calibrate": "builder.cli.calibrate",
