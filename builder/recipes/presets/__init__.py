@@ -1,0 +1,1 @@
+"""Recipe stage: the presets shipped with the package (one YAML file per preset)."""

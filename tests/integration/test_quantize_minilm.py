@@ -1,0 +1,181 @@
+"""Quantize the real MiniLM export with every preset: valid ONNX, runs in ONNX Runtime, agrees with
+``onnx.reference``; the CLI writes its artifacts; bad input gets clear errors. The accuracy acceptance
+(512 calibration sentences, >= 2000 test sentences) is marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from builder.graph.analyze import analyze
+from builder.graph.report import GraphReport, Role
+from builder.graph.targets import calibration_tensors
+from builder.lower.quantize import quantize
+from builder.plan.artifact import QuantPlan
+from builder.recipes.loader import preset_names
+from calib.range_table import RangeMethod, RangeTable
+
+Setup = tuple[onnx.ModelProto, GraphReport, RangeTable]
+
+
+def _feeds(texts: list[str], max_length: int = 32, batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+    from builder.intake.minilm import tokenizer_json_path
+    from calib.tokenize import encode
+
+    return list(encode(texts, tokenizer_json_path(), max_length=max_length, batch_size=batch_size))
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_onnx: Path) -> Setup:
+    from calib.calibrate import calibrate
+    from calib.data import vader_splits
+
+    model = onnx.load(str(minilm_onnx))
+    report = analyze(model, name="minilm")
+    texts = [s.text for s in vader_splits().calibration[:48]]
+    table = calibrate(model, _feeds(texts), calibration_tensors(model, report), RangeMethod.PERCENTILE, 99.995)
+    return model, report, table
+
+
+def _embedding(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(["sentence_embedding"], f)[0] for f in feeds])
+
+
+FAST_PRESETS = ("int8-gemm", "hero-m3", "bondarenko-peg")  # the others run under `make test-slow`
+
+
+@pytest.mark.parametrize("preset", [p if p in FAST_PRESETS else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in sorted(preset_names())])
+def test_every_preset_lowers_runs_and_stays_close(minilm: Setup, preset: str) -> None:
+    from calib.data import vader_splits
+
+    model, report, table = minilm
+    q = quantize(model, preset, table, report=report, outliers={4, 5})
+    onnx.checker.check_model(q.model)
+    feeds = _feeds([s.text for s in vader_splits().test[:16]])
+    ref, out = _embedding(model, feeds), _embedding(q.model, feeds)
+    cosine = np.sum(ref * out, axis=1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
+    assert np.all(np.isfinite(out))
+    assert float(np.mean(cosine)) > 0.95, preset
+    assert QuantPlan.from_json(q.plan.to_json()) == q.plan
+
+
+def test_int8_gemm_agrees_with_onnx_reference(minilm: Setup) -> None:
+    """The encoder (embedding LayerNorm output -> sentence embedding) in ONNX Runtime and onnx.reference.
+
+    The embedding front end is cut off: onnx.reference's GatherElements fails on the exported position-id path.
+    """
+    import onnxruntime as ort
+    from onnx.reference import ReferenceEvaluator
+    from onnx.utils import Extractor
+
+    model, report, table = minilm
+    q = quantize(model, "int8-gemm", table, report=report)
+    ln = report.find(Role.EMBED_LN, None)
+    assert ln is not None
+    feed = _feeds(["a gripping, funny and sad film ."], max_length=12)[0]
+    start = ln.outputs[0]
+    full = onnx.ModelProto()
+    full.CopyFrom(q.model)
+    full.graph.output.append(onnx.helper.make_empty_tensor_value_info(start))
+    sess = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
+    hidden, ort_out = sess.run([start, "sentence_embedding"], feed)
+    encoder = Extractor(q.model).extract_model([start, "attention_mask"], ["sentence_embedding"])
+    (ref_out,) = ReferenceEvaluator(encoder).run(None, {start: hidden, "attention_mask": feed["attention_mask"]})
+    np.testing.assert_allclose(ort_out, ref_out, atol=2e-3, rtol=0)
+
+
+def test_quantize_cli_writes_artifacts(minilm: Setup, minilm_onnx: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from builder.cli.main import main
+
+    _, _, table = minilm
+    ranges = tmp_path / "ranges.json"
+    ranges.write_text(table.to_json())
+    out = tmp_path / "engine"
+    code = main(["quantize", str(minilm_onnx), "--ranges", str(ranges), "--recipe", "int8-gemm",
+                 "--fallback", "layer.5.fc2=fp16", "-o", str(out)])
+    assert code == 0
+    plan = QuantPlan.from_json((out / "plan.json").read_text())
+    fc2 = next(n for n in plan.nodes if n.role == "fc2" and n.layer == 5)
+    assert fc2.precision.value == "fp16" and "--fallback layer.5.fc2=fp16" in fc2.reason
+    assert json.loads((out / "precision.json").read_text())[fc2.node] == "fp16"
+    assert "layer.5.fc2" in (out / "recipe.yaml").read_text()
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+    assert main(["quantize", str(minilm_onnx), "--recipe", "hero-m2", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "name: hero-m2" in printed and "attn_softmax" in printed
+
+
+def test_quantize_cli_bad_input(minilm: Setup, minilm_onnx: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from builder.cli.main import main
+
+    _, report, table = minilm
+    assert main(["quantize", str(minilm_onnx), "--recipe", "int8-gemm", "--fallback", "layer.7.fc2=fp16",
+                 "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "layer 7 does not exist" in err and "did you mean 'layer." in err
+    fc2 = report.find(Role.FC2, 2)
+    assert fc2 is not None
+    partial = RangeTable(model_name="m", model_sha256="x", num_samples=1, data_source="t",
+                         ranges={k: v for k, v in table.ranges.items() if k != fc2.inputs[0]})
+    ranges = tmp_path / "partial.json"
+    ranges.write_text(partial.to_json())
+    assert main(["quantize", str(minilm_onnx), "--ranges", str(ranges), "-o", str(tmp_path / "x")]) == 3
+    assert fc2.inputs[0] in capsys.readouterr().err
+    assert not (tmp_path / "x" / "model.onnx").exists()
+    assert main(["quantize", str(minilm_onnx), "--recipe", "bondarenko-mp", "--print-config"]) == 2
+    assert "outlier report" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_accuracy_acceptance(minilm_onnx: Path) -> None:
+    """512 VADER calibration sentences, 2000 disjoint test sentences, probe fit on FP32 train embeddings."""
+    from builder.evaluate.metrics import fit_probe, row_cosine
+    from builder.evaluate.ort_baseline import baseline, ort_quantize
+    from builder.evaluate.runner import OrtRunner, embed
+    from builder.intake.minilm import tokenizer_json_path
+    from calib.calibrate import RangeSpec, range_table
+    from calib.collect import CollectOptions, collect
+    from calib.data import vader_splits
+    from calib.tokenize import encode
+
+    model = onnx.load(str(minilm_onnx))
+    report = analyze(model, name="minilm")
+    splits = vader_splits()
+    calib_texts = [s.text for s in splits.calibration]
+    assert len(calib_texts) == 512
+    collection = collect(model, encode(calib_texts, tokenizer_json_path(), batch_size=16),
+                         calibration_tensors(model, report), CollectOptions(per_token=False))
+    tables = [range_table(collection, RangeSpec(method=RangeMethod.MAX), model_name="minilm", data_source="vader"),
+              range_table(collection, RangeSpec(method=RangeMethod.PERCENTILE, percentile=99.995),
+                          model_name="minilm", data_source="vader")]
+    train, test = list(splits.train)[:2000], list(splits.test)[:2000]
+    y_train, y_test = [s.rating > 0 for s in train], [s.rating > 0 for s in test]
+    ref_train = embed(OrtRunner(model), [s.text for s in train])
+    ref_test = embed(OrtRunner(model), [s.text for s in test])
+    probe = fit_probe(ref_train, y_train)
+    fp32_acc = probe.accuracy(ref_test, y_test)
+
+    def score(m: onnx.ModelProto) -> tuple[float, float]:
+        e = embed(OrtRunner(m), [s.text for s in test])
+        return probe.accuracy(e, y_test), float(np.mean(row_cosine(e, ref_test)))
+
+    feeds = list(encode(calib_texts, tokenizer_json_path(), batch_size=16))
+    ort_acc, ort_cos = score(ort_quantize(model, feeds, baseline("ort-matmul"), report))
+    acc, cos = score(quantize(model, "int8-gemm", tables, report=report).model)
+    assert acc >= fp32_acc - 0.005 and cos >= 0.985
+    assert acc > ort_acc and cos > ort_cos
+    _, peg_cos = score(quantize(model, "bondarenko-peg", tables, report=report).model)
+    assert peg_cos >= 0.99
+    m3_acc, _ = score(quantize(model, "hero-m3", tables, report=report).model)
+    assert m3_acc >= fp32_acc - 0.015
