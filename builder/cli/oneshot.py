@@ -45,7 +45,7 @@ def run_pipeline(request: PipelineRequest, *, collection: Collection | None = No
     """Run every step for one recipe; ``collection`` lets several recipes share one calibration pass."""
     import onnx
 
-    from builder.cli.steps import decide_ranges, quantize_step, range_specs, tensor_labels, write_outliers
+    from builder.cli.steps import decide_ranges, quantize_step, tensor_labels, write_outliers
     from builder.graph.analyze import analyze
     from builder.graph.load import load_model
     from builder.lower.quantize import resolve_recipe
@@ -73,7 +73,7 @@ def run_pipeline(request: PipelineRequest, *, collection: Collection | None = No
         show(StepOutcome(step="calibrate", reused=True, summary=f"shared collection of {collection.samples} texts",
                          seconds=0.0))
     source = f"{request.calibration.data}:{collection.samples}"
-    tables = decide_ranges(collection, range_specs(recipe, request.primary), request.folder,
+    tables = decide_ranges(collection, recipe, request.primary, request.folder,
                            model_name=request.model_path.stem, data_source=source,
                            header=tensorrt_header("10.3.0"))
     outliers, _ = write_outliers(collection.stats, tensor_labels(report), request.folder,
@@ -84,7 +84,7 @@ def run_pipeline(request: PipelineRequest, *, collection: Collection | None = No
     show(StepOutcome(step="ranges", reused=False, seconds=0.0,
                      summary=f"{len(tables)} range table(s); outlier layers {list(flagged or ())}"))
     outcome, _ = quantize_step(request.model_path, model, report, recipe, tables, flagged, request.variant,
-                               request.folder)
+                               request.folder, calibration=request.calibration)
     show(outcome)
     engine = None
     if request.build is not None:

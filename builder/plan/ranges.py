@@ -12,7 +12,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from builder.plan.artifact import PegGroup
-from builder.recipes.model import RangeChoice, Scheme, Settings
+from builder.recipes.model import RangeChoice, Recipe, Scheme, Settings
+from calib.calibrate import RangeSpec, range_table
+from calib.collect import Collection
 from calib.errors import CalibrationError, ConfigError
 from calib.range_table import RangeMethod, RangeTable, TensorRange
 
@@ -138,3 +140,24 @@ def peg_groups(tensor: str, dim_min: Sequence[float], dim_max: Sequence[float], 
         amax = float(np.max(np.maximum(np.abs(lo[dims]), np.abs(hi[dims]))))
         groups.append(PegGroup(dims=tuple(int(i) for i in dims), amax=max(amax, 1e-8)))
     return tuple(groups)
+
+
+def required_specs(recipe: Recipe, primary: RangeSpec) -> list[RangeSpec]:
+    """The range decisions ``recipe`` needs besides ``max`` (always derivable), ``primary`` first, no duplicates."""
+    specs = [primary]
+    default_percentile = recipe.resolved_defaults.percentile
+    for settings in [recipe.defaults, *(rule.set for rule in recipe.rules)]:
+        choice = settings.range
+        if choice in (RangeChoice.PERCENTILE, RangeChoice.ENTROPY, RangeChoice.MSE):
+            percentile = (settings.percentile or default_percentile) if choice == RangeChoice.PERCENTILE else None
+            spec = RangeSpec(method=RangeMethod(choice.value), percentile=percentile)
+            if all((s.method, s.percentile) != (spec.method, spec.percentile) for s in specs):
+                specs.append(spec)
+    return specs
+
+
+def tables_for_recipe(collection: Collection, recipe: Recipe, primary: RangeSpec, *, model_name: str,
+                      data_source: str) -> list[RangeTable]:
+    """One RangeTable per range decision ``recipe`` needs, all from one collection pass."""
+    return [range_table(collection, spec, model_name=model_name, data_source=data_source)
+            for spec in required_specs(recipe, primary)]

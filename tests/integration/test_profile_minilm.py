@@ -7,6 +7,7 @@ sequence 32) so CI stays fast.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import onnx
 import pytest
@@ -17,28 +18,20 @@ from builder.profile.report import LatencyReport
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def int8_gemm_model(minilm_onnx: Path, out: Path) -> Path:
-    """The `int8-gemm` portable variant (W8A8 GEMMs), max ranges over 32 VADER calibration sentences."""
-    from builder.graph.analyze import analyze
-    from builder.graph.targets import calibration_tensors
-    from builder.intake.minilm import tokenizer_json_path
+def int8_gemm_model(minilm_onnx: Path, calibration: Any, tables: Any, out: Path) -> Path:
+    """The `int8-gemm` portable variant (W8A8 GEMMs), ranges over 32 VADER calibration sentences."""
     from builder.lower.quantize import quantize
-    from calib.calibrate import calibrate
-    from calib.data import calibration_texts
-    from calib.range_table import RangeMethod
-    from calib.tokenize import encode
 
     model = onnx.load(str(minilm_onnx))
-    report = analyze(model, name="minilm")
-    feeds = encode(calibration_texts("vader", 32), tokenizer_json_path(), max_length=128, batch_size=16)
-    ranges = calibrate(model, feeds, calibration_tensors(model, report), RangeMethod.MAX)
-    out.write_bytes(quantize(model, "int8-gemm", ranges, report=report, variant="portable").serialize())
+    out.write_bytes(quantize(model, "int8-gemm", tables("int8-gemm"), report=calibration[0]).serialize())
     return out
 
 
 @pytest.fixture(scope="module")
-def int8_onnx(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return int8_gemm_model(minilm_onnx, tmp_path_factory.mktemp("int8") / "int8-gemm.onnx")
+def int8_onnx(minilm_onnx: Path, minilm_calibration: Any, minilm_tables: Any,
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return int8_gemm_model(minilm_onnx, minilm_calibration, minilm_tables,
+                           tmp_path_factory.mktemp("int8") / "int8-gemm.onnx")
 
 
 def test_minilm_latency_report(minilm_onnx: Path, int8_onnx: Path, tmp_path: Path) -> None:

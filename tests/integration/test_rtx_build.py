@@ -96,28 +96,17 @@ def test_minilm_fp16_copy_engine(minilm_onnx: Path, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def minilm_ranges(minilm_onnx: Path) -> Any:
-    """Max ranges of the calibration tensors over 32 VADER calibration sentences (shared by the presets)."""
-    from builder.graph.analyze import analyze
-    from builder.graph.targets import calibration_tensors
-    from builder.intake.minilm import tokenizer_json_path
-    from calib.calibrate import calibrate
-    from calib.data import calibration_texts
-    from calib.range_table import RangeMethod
-    from calib.tokenize import encode
-
-    model = onnx.load(str(minilm_onnx))
-    report = analyze(model, name="minilm")
-    feeds = encode(calibration_texts("vader", 32), tokenizer_json_path(), max_length=128, batch_size=16)
-    return report, calibrate(model, feeds, calibration_tensors(model, report), RangeMethod.MAX)
+def minilm_ranges(minilm_calibration: Any, minilm_tables: Any) -> Any:
+    """The analysis and a range-table factory over 32 VADER calibration sentences (shared by the presets)."""
+    return minilm_calibration[0], minilm_tables
 
 
 def lowered_variant(minilm_onnx: Path, ranges: Any, preset: str, out: Path) -> Path:
     """The portable variant of ``preset`` (analyze -> plan -> lower), saved as ``out``."""
     from builder.lower.quantize import quantize
 
-    report, table = ranges
-    quantized = quantize(onnx.load(str(minilm_onnx)), preset, table, report=report, variant="portable")
+    report, tables = ranges
+    quantized = quantize(onnx.load(str(minilm_onnx)), preset, tables(preset), report=report, variant="portable")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(quantized.serialize())
     return out
