@@ -16,6 +16,9 @@ file. Rules select nodes by role, layer and name glob; for every setting the las
 set to fp16, bf16 or fp32. Writes model.onnx, plan.json (every quantized edge and the reason for every
 node left in higher precision), recipe.yaml (the resolved recipe) and precision.json (per-node precision
 for weakly typed TensorRT 10 builds) into the output folder.
+
+Recipes that set bias_correction also read the calibration texts (--calib-data, --samples, --seed: use the
+ones the ranges were calibrated on) and shift each INT8 GEMM's bias by its mean output error on them.
 """
 
 EPILOG = """\
@@ -45,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/<model name>)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved recipe and per-node decisions, write nothing")
+    data = parser.add_argument_group("calibration data (read only by recipes that set bias_correction)")
+    data.add_argument("--calib-data", default="vader", help="vader, lee, or a .txt/.jsonl file (default: vader)")
+    data.add_argument("--samples", type=int, default=512, help="calibration texts (default: 512)")
+    data.add_argument("--seed", type=int, default=0, help="data split and shuffle seed (default: 0)")
+    data.add_argument("--batch-size", type=int, default=16, help="texts per batch (default: 16)")
+    data.add_argument("--max-length", type=int, default=128, help="tokens per text at most (default: 128)")
+    data.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the bundled MiniLM tokenizer)")
 
 
 def _flagged(args: argparse.Namespace) -> tuple[int, ...] | None:
@@ -87,10 +97,10 @@ def _print_config(recipe: Any, report: Any, flagged: tuple[int, ...] | None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    from builder.cli.steps import CalibSettings, calibration_feeds
     from builder.graph.analyze import analyze
     from builder.graph.load import load_model
-    from builder.lower.pipeline import lower
-    from builder.lower.quantize import resolve_recipe
+    from builder.lower.quantize import lower_with_correction, resolve_recipe
     from builder.plan.flops import gemm_flops
     from builder.plan.planner import plan
     from builder.recipes.loader import recipe_to_yaml
@@ -114,7 +124,12 @@ def run(args: argparse.Namespace) -> int:
         tables.append(RangeTable.from_json(path.read_text(encoding="utf-8")))
     quant_plan = plan(report, recipe, tables, outliers=flagged, flops=gemm_flops(model, report, args.seq_len),
                       seq_len=args.seq_len)
-    lowered = lower(model, quant_plan, args.variant)
+    feeds = None
+    if quant_plan.bias_correction_nodes:
+        feeds = calibration_feeds(CalibSettings(data=args.calib_data, samples=args.samples, seed=args.seed,
+                                                batch_size=args.batch_size, max_length=args.max_length,
+                                                tokenizer=args.tokenizer))
+    lowered = lower_with_correction(model, quant_plan, args.variant, feeds)
     out: Path = args.output or Path("engines") / args.model.stem
     atomic_write_bytes(out / "model.onnx", lowered.serialize())
     atomic_write_text(out / "plan.json", quant_plan.to_json())

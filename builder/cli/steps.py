@@ -156,47 +156,40 @@ def write_outliers(stats: Mapping[str, TensorStats], labels: Mapping[str, Label]
     return report, write_outlier_report(report, stats, labels, folder)
 
 
-def range_specs(recipe: Recipe, primary: RangeSpec) -> list[RangeSpec]:
-    """The range decisions a recipe needs (``max`` is always derivable), primary first, without duplicates."""
-    from builder.recipes.model import RangeChoice
-    from calib.calibrate import RangeSpec
-    from calib.range_table import RangeMethod
-
-    specs = [primary]
-    default_percentile = recipe.resolved_defaults.percentile
-    for settings in [recipe.defaults, *(rule.set for rule in recipe.rules)]:
-        choice = settings.range
-        if choice in (RangeChoice.PERCENTILE, RangeChoice.ENTROPY, RangeChoice.MSE):
-            percentile = settings.percentile or default_percentile
-            spec = RangeSpec(method=RangeMethod(choice.value),
-                             percentile=percentile if choice == RangeChoice.PERCENTILE else None)
-            if all((s.method, s.percentile) != (spec.method, spec.percentile) for s in specs):
-                specs.append(spec)
-    return specs
-
-
 def spec_label(spec: RangeSpec) -> str:
     return spec.method.value if spec.percentile is None else f"{spec.method.value}-{spec.percentile:g}"
 
 
-def decide_ranges(collection: Collection, specs: Sequence[RangeSpec], folder: Path, *, model_name: str,
+def decide_ranges(collection: Collection, recipe: Recipe, primary: RangeSpec, folder: Path, *, model_name: str,
                   data_source: str, header: str) -> list[RangeTable]:
-    """One RangeTable per spec from one collection; the first is ``ranges.json``, others ``ranges-<method>.json``."""
-    from calib.calibrate import range_table
+    """The recipe's RangeTables from one collection; the first is ``ranges.json``, others ``ranges-<method>.json``."""
+    from builder.plan.ranges import required_specs, tables_for_recipe
 
-    tables = []
-    for index, spec in enumerate(specs):
-        table = range_table(collection, spec, model_name=model_name, data_source=data_source)
+    tables = tables_for_recipe(collection, recipe, primary, model_name=model_name, data_source=data_source)
+    for index, (spec, table) in enumerate(zip(required_specs(recipe, primary), tables, strict=True)):
         write_ranges(table, folder, header, "ranges" if index == 0 else f"ranges-{spec_label(spec)}")
-        tables.append(table)
     return tables
 
 
-def quantize_step(model_path: Path, model: onnx.ModelProto, report: GraphReport, recipe: Recipe,
-                  tables: Sequence[RangeTable], flagged: tuple[int, ...] | None, variant: str,
-                  folder: Path) -> tuple[StepOutcome, str]:
-    """Plan and lower into ``folder/model.onnx`` (+ plan.json, recipe.yaml, precision.json), or reuse them."""
-    from builder.lower.pipeline import lower
+def calibration_feeds(settings: CalibSettings) -> list[dict[str, Any]]:
+    """The calibration texts of ``settings`` tokenized into batches (the same texts the collector sees)."""
+    from calib.data import calibration_texts
+    from calib.tokenize import encode
+
+    texts = calibration_texts(settings.data, settings.samples, settings.seed)
+    return list(encode(texts, settings.tokenizer_path(), settings.max_length, settings.batch_size,
+                       sort_by_length=True))
+
+
+def quantize_step(  # noqa: PLR0913 -- the step's inputs plus the calibration data that bias correction reads
+        model_path: Path, model: onnx.ModelProto, report: GraphReport, recipe: Recipe,
+        tables: Sequence[RangeTable], flagged: tuple[int, ...] | None, variant: str,
+        folder: Path, *, calibration: CalibSettings | None = None) -> tuple[StepOutcome, str]:
+    """Plan and lower into ``folder/model.onnx`` (+ plan.json, recipe.yaml, precision.json), or reuse them.
+
+    ``calibration`` gives the texts for recipes that set ``bias_correction`` (ignored otherwise).
+    """
+    from builder.lower.quantize import lower_with_correction
     from builder.plan.flops import gemm_flops
     from builder.plan.planner import plan
     from builder.recipes.loader import recipe_to_yaml
@@ -207,7 +200,8 @@ def quantize_step(model_path: Path, model: onnx.ModelProto, report: GraphReport,
     outputs = [folder / "model.onnx", folder / "plan.json", folder / "recipe.yaml", folder / "precision.json"]
     key = stage_key(model=sha256_file(model_path), recipe=recipe_yaml, variant=variant,
                     flagged=list(flagged) if flagged is not None else None,
-                    ranges=[sha256_text(t.to_json()) for t in tables])
+                    ranges=[sha256_text(t.to_json()) for t in tables],
+                    **({"calibration": repr(calibration)} if recipe.uses_bias_correction else {}))
     record = StageRecord(folder)
     if record.fresh("quantize", key, outputs):
         from builder.plan.artifact import QuantPlan
@@ -217,7 +211,8 @@ def quantize_step(model_path: Path, model: onnx.ModelProto, report: GraphReport,
                            seconds=time.perf_counter() - started), recipe_yaml
     quant_plan = plan(report, recipe, list(tables), outliers=flagged, flops=gemm_flops(model, report, 128),
                       seq_len=128)
-    lowered = lower(model, quant_plan, variant)
+    feeds = calibration_feeds(calibration) if calibration is not None and quant_plan.bias_correction_nodes else None
+    lowered = lower_with_correction(model, quant_plan, variant, feeds)
     atomic_write_bytes(outputs[0], lowered.serialize())
     atomic_write_text(outputs[1], quant_plan.to_json())
     atomic_write_text(outputs[2], recipe_yaml)

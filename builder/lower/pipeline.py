@@ -10,6 +10,9 @@ Passes, each followed by the ONNX checker and the Q/DQ invariants (:mod:`builder
     5. fp16      whole-graph FP16 conversion when the plan's model dtype is fp16 (the FP16 baseline)
     6. plugins   only for variant="plugin": LN->Q and Softmax->Q swapped for the fused plugin nodes
 
+Bias correction needs calibration data, so it is a separate stage after these passes
+(:func:`builder.lower.quantize.lower_with_correction`, :mod:`builder.lower.bias_correction`).
+
 The same model and plan always give byte-identical output (:meth:`QuantizedModel.serialize`).
 """
 
@@ -64,7 +67,8 @@ def _run_pass(ed: GraphEditor, name: str, fn: Callable[[], Any]) -> Any:
     return result
 
 
-def _plugin_pass(model: onnx.ModelProto) -> onnx.ModelProto:
+def plugin_pass(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The plugin variant's fusion pass (LN->Q and Softmax->Q to fused plugin nodes)."""
     try:
         from builder.lower.fuse_plugins import fuse_plugins
     except ImportError as exc:
@@ -104,6 +108,6 @@ def lower(model: onnx.ModelProto, plan: QuantPlan, variant: str = "portable") ->
         precision.update(_run_pass(ed, "fallback", lambda: lower_fallback(ed, plan)))
     result = ed.model
     if variant == "plugin":
-        result = _plugin_pass(result)
+        result = plugin_pass(result)
         check_model(result, "plugins")
     return QuantizedModel(model=result, plan=plan, variant=variant, precision=dict(sorted(precision.items())))

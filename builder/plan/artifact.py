@@ -86,20 +86,28 @@ class ActivationQuant:
 
 @dataclass(frozen=True, kw_only=True)
 class WeightQuant:
-    """A weight initializer stored as INT8 with one symmetric scale per output channel (``axis``)."""
+    """A weight initializer stored as INT8 with one symmetric scale per output channel (``axis``).
+
+    ``bias_correction``: after lowering, the GEMM's bias absorbs the mean output error measured on the
+    calibration data (:mod:`builder.lower.bias_correction`); serialized only when set.
+    """
 
     node: str
     weight: str
     axis: int
     bits: int = 8
+    bias_correction: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "weight": self.weight, "axis": self.axis, "bits": self.bits}
+        data: dict[str, Any] = {"node": self.node, "weight": self.weight, "axis": self.axis, "bits": self.bits}
+        if self.bias_correction:
+            data["bias_correction"] = True
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> WeightQuant:
         return cls(node=str(data["node"]), weight=str(data["weight"]), axis=int(data["axis"]),
-                   bits=int(data["bits"]))
+                   bits=int(data["bits"]), bias_correction=bool(data.get("bias_correction", False)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +155,11 @@ class QuantPlan:
         total = sum(n.gemm_flops for n in self.nodes)
         int8 = sum(n.gemm_flops for n in self.nodes if n.precision == Precision.INT8)
         return 0.0 if total == 0.0 else int8 / total
+
+    @property
+    def bias_correction_nodes(self) -> tuple[str, ...]:
+        """The INT8 weight GEMMs whose biases get the empirical correction (they need calibration feeds)."""
+        return tuple(w.node for w in self.weights if w.bias_correction)
 
     def node(self, name: str) -> NodePlan:
         for n in self.nodes:

@@ -55,6 +55,10 @@ MP_OUTLIER_RATIO = 10.0
 MP_ROLES = ("fc2", "ffn_residual")
 
 
+BIAS_CORRECTION_NOTE = ("bias corrected after lowering: minus the mean INT8-minus-FP32 output error per channel on "
+                        "the calibration data (sequential)")
+
+
 def flagged_layers(outliers: Any) -> tuple[int, ...] | None:
     """Layers flagged by the outlier information.
 
@@ -175,6 +179,8 @@ def _share_attention_scales(activations: list[ActivationQuant], by_node: Mapping
 def _reason(node: ResolvedNode, precision: Precision) -> str:
     role = node.assignment.role
     if precision == Precision.INT8:
+        if node.settings.bias_correction and role in WEIGHT_GEMM_ROLES:
+            return f"int8: {node.precision_note}; {BIAS_CORRECTION_NOTE}"
         return f"int8: {node.precision_note}"
     if precision in (Precision.FP16, Precision.BF16):
         return f"{precision.value} fallback: {node.precision_note}"
@@ -219,7 +225,8 @@ def plan(report: GraphReport, recipe: Recipe, ranges: RangeTable | Sequence[Rang
         a = node.assignment
         if node.settings.precision == Precision.INT8 and a.role in WEIGHT_GEMM_ROLES:
             assert a.weight is not None and a.weight_axis is not None
-            weights.append(WeightQuant(node=a.node, weight=a.weight, axis=a.weight_axis))
+            weights.append(WeightQuant(node=a.node, weight=a.weight, axis=a.weight_axis,
+                                       bias_correction=bool(node.settings.bias_correction)))
     source = RangeSource(tables)
     merged = {tensor: _merge(tensor, requests) for tensor, requests in by_tensor.items()}
     source.check([(tensor, settings) for tensor, (_, settings) in merged.items()])

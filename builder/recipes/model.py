@@ -145,6 +145,7 @@ class Settings:
     scheme: Scheme | None = None
     groups: int | None = None  # PEG: number of embedding groups K
     alpha: float | None = None  # FWQ migration strength: S_j = colmax_j ** alpha
+    bias_correction: bool | None = None  # INT8 weight GEMMs: empirical bias correction on the calibration data
 
     def __post_init__(self) -> None:
         if self.percentile is not None and not 50.0 < self.percentile <= 100.0:
@@ -176,7 +177,7 @@ class Settings:
 
 
 FULL_DEFAULTS = Settings(precision=Precision.FP32, range=RangeChoice.MAX, scheme=Scheme.TENSOR, groups=6,
-                         alpha=1.0, fixed_amax=1.0, percentile=99.99)
+                         alpha=1.0, fixed_amax=1.0, percentile=99.99, bias_correction=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,6 +215,11 @@ class Recipe:
     def resolved_defaults(self) -> Settings:
         """Built-in defaults overlaid with the recipe's own ``defaults``."""
         return FULL_DEFAULTS.merged(self.defaults)
+
+    @property
+    def uses_bias_correction(self) -> bool:
+        """Whether any rule (or the defaults) asks for bias correction, which needs the calibration data."""
+        return any(s.bias_correction for s in (self.defaults, *(r.set for r in self.rules)))
 
     def with_rules(self, extra: tuple[Rule, ...]) -> Recipe:
         """A copy with ``extra`` rules appended (they win over every earlier rule)."""
@@ -255,6 +261,8 @@ def settings_from_dict(data: Any, where: str) -> Settings:
     for key, value in mapping.items():
         if key in enums:
             kwargs[key] = _enum(enums[key], value, f"{where}.{key}")
+        elif key == "bias_correction":
+            kwargs[key] = _bool(value, f"{where}.{key}")
         elif key == "groups":
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ConfigError(f"{where}.groups: {value!r} is not an integer")

@@ -179,3 +179,30 @@ def test_accuracy_acceptance(minilm_onnx: Path) -> None:
     assert peg_cos >= 0.99
     m3_acc, _ = score(quantize(model, "hero-m3", tables, report=report).model)
     assert m3_acc >= fp32_acc - 0.015
+
+
+@pytest.mark.slow
+def test_bias_correction_raises_cosine_on_held_out_sentences(minilm: Setup) -> None:
+    """Bias correction of Q/K/V, attention output and FC1 (calibration sentences only) brings the embeddings of
+    held-out train sentences closer to FP32; the plan records which GEMMs were corrected."""
+    from builder.recipes.loader import load_preset
+    from builder.recipes.model import Rule, Selector, Settings
+    from calib.data import vader_splits
+
+    model, report, table = minilm
+    splits = vader_splits()
+    roles = (Role.Q_PROJ, Role.K_PROJ, Role.V_PROJ, Role.ATTN_OUT, Role.FC1)
+    recipe = load_preset("int8-gemm").with_rules((Rule(select=Selector(roles=roles),
+                                                       set=Settings(bias_correction=True)),))
+    calib_feeds = _feeds([s.text for s in splits.calibration[:48]])
+    corrected = quantize(model, recipe, table, report=report, calibration_feeds=calib_feeds)
+    assert len(corrected.plan.bias_correction_nodes) == 30
+    plain = quantize(model, "int8-gemm", table, report=report)
+    feeds = _feeds([s.text for s in splits.train[-128:]])
+    ref = _embedding(model, feeds)
+
+    def mean_cosine(m: onnx.ModelProto) -> float:
+        out = _embedding(m, feeds)
+        return float(np.mean(np.sum(ref * out, axis=1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)))
+
+    assert mean_cosine(corrected.model) > mean_cosine(plain.model)

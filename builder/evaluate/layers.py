@@ -1,0 +1,106 @@
+"""Evaluation stage: the per-layer error table that locates where quantization damages the model.
+
+For each transformer layer two residual-stream tensors are compared with FP32 on the same sentences:
+after the attention sub-block and after the whole block. Post-LN (BERT) blocks carry the stream in the
+LayerNorm outputs (``attn_ln``, ``ffn_ln``); pre-LN (GPT) blocks in the residual sums
+(``attn_residual``, ``ffn_residual``). Padding tokens are excluded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from builder.evaluate.metrics import ErrorAccumulator
+from builder.evaluate.report import LayerError
+from builder.evaluate.runner import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, OrtRunner, batches, tensor_names
+from builder.graph.report import GraphReport, Role
+
+logger = logging.getLogger(__name__)
+
+# (point, post-LN role, pre-LN role)
+_POINT_ROLES = (
+    ("attn", Role.ATTN_LN, Role.ATTN_RESIDUAL),
+    ("block", Role.FFN_LN, Role.FFN_RESIDUAL),
+)
+
+
+def stream_tensors(report: GraphReport) -> tuple[tuple[int, str, str], ...]:
+    """``(layer, point, tensor)`` for every layer and sub-block point the report names, in layer order."""
+    pre_ln = report.architecture == "gpt"
+    rows = []
+    for layer in range(report.num_layers):
+        for point, post_role, pre_role in _POINT_ROLES:
+            found = report.find(pre_role if pre_ln else post_role, layer)
+            if found is not None and found.outputs:
+                rows.append((layer, point, found.outputs[0]))
+    return tuple(rows)
+
+
+def layer_errors(
+    fp32_model: onnx.ModelProto,
+    model: onnx.ModelProto,
+    report: GraphReport,
+    texts: Sequence[str],
+    tokenizer_json: Path | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> tuple[tuple[LayerError, ...], tuple[str, ...]]:
+    """Relative and max-abs error of each residual-stream tensor vs FP32, plus warnings for missing tensors."""
+    rows = stream_tensors(report)
+    present = tensor_names(model)
+    wanted = [t for _, _, t in rows if t in present]
+    warnings = tuple(
+        f"layer {layer} {point}: tensor {tensor!r} is not in the evaluated model; its error is not reported"
+        for layer, point, tensor in rows
+        if tensor not in present
+    )
+    for message in warnings:
+        logger.warning(message)
+    acc = {t: ErrorAccumulator() for t in wanted}
+    if wanted:
+        ref_runner = OrtRunner(fp32_model, extra_outputs=wanted)
+        runner = OrtRunner(model, extra_outputs=wanted)
+        for _, feed in batches(texts, tokenizer_json, batch_size, max_length):
+            valid = feed["attention_mask"].astype(bool)
+            ref = ref_runner.run(feed, wanted)
+            got = runner.run(feed, wanted)
+            for name, r, g in zip(wanted, ref, got, strict=True):
+                # [batch, seq, hidden] -> [valid tokens, hidden]
+                acc[name].add(g.astype(np.float32)[valid], r[valid])
+    table = tuple(
+        LayerError(
+            layer=layer,
+            point=point,
+            tensor=tensor,
+            relative_error=acc[tensor].relative_error if tensor in acc else None,
+            max_abs_error=acc[tensor].max_abs if tensor in acc else None,
+        )
+        for layer, point, tensor in rows
+    )
+    return table, warnings
+
+
+def format_layer_table(errors: Sequence[LayerError]) -> str:
+    """A plain-text table: one line per layer, relative error after attention and after the block."""
+    layers = sorted({e.layer for e in errors})
+    by_key = {(e.layer, e.point): e for e in errors}
+    lines = [f"{'layer':>5}  {'rel err attn':>12}  {'rel err block':>13}  {'max abs block':>13}"]
+    for layer in layers:
+        attn = by_key.get((layer, "attn"))
+        block = by_key.get((layer, "block"))
+        cells = [
+            _fmt(attn.relative_error if attn else None, 12),
+            _fmt(block.relative_error if block else None, 13),
+            _fmt(block.max_abs_error if block else None, 13),
+        ]
+        lines.append(f"{layer:>5}  " + "  ".join(cells))
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, width: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.4f}"

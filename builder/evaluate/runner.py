@@ -1,0 +1,155 @@
+"""Evaluation stage: run a (possibly quantized) sentence encoder in ONNX Runtime on the CPU.
+
+Texts are ordered by length before batching so padding stays small, then results are put back in the caller's
+order. Models that contain our plugin nodes are evaluated through their NumPy references, registered as
+ONNX Runtime custom ops by :mod:`plugins.ort_ops` (optional: a clear error names what is missing).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+
+from calib.errors import BackendUnavailable, ConfigError, GraphError, suggest
+
+logger = logging.getLogger(__name__)
+
+EMBEDDING_OUTPUT = "sentence_embedding"
+STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_MAX_LENGTH = 128
+
+Feeds = dict[str, npt.NDArray[Any]]
+
+
+def custom_domains(model: onnx.ModelProto) -> set[str]:
+    """Domains of nodes that ONNX Runtime does not implement itself (our plugin nodes)."""
+    return {n.domain for n in model.graph.node if n.domain not in STANDARD_DOMAINS}
+
+
+def _session_for(model: onnx.ModelProto, threads: int) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    if custom_domains(model):
+        try:
+            from onnxruntime_extensions import get_library_path
+
+            from plugins import ort_ops
+        except ImportError as exc:
+            raise BackendUnavailable(
+                f"the model has plugin nodes (domains {sorted(custom_domains(model))}); evaluating them needs "
+                "plugins.ort_ops and onnxruntime-extensions: `pip install 'build-engine[plugins]'`"
+            ) from exc
+        ort_ops.register_reference_ops()
+        options.register_custom_ops_library(get_library_path())
+        model = ort_ops.ort_evaluable_copy(model)
+    try:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime raises its own exception types for unloadable graphs
+        raise GraphError(f"ONNX Runtime cannot load the model: {exc}") from exc
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the intermediate ``tensors`` (types inferred by ONNX Runtime)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    existing = {o.name for o in copy.graph.output}
+    for name in tensors:
+        if name not in existing:
+            copy.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            existing.add(name)
+    return copy
+
+
+def tensor_names(model: onnx.ModelProto) -> set[str]:
+    """Every tensor name produced by a node or fed as a graph input."""
+    names = {i.name for i in model.graph.input}
+    for node in model.graph.node:
+        names.update(o for o in node.output if o)
+    return names
+
+
+class OrtRunner:
+    """One ONNX Runtime CPU session over an in-memory model, optionally exposing intermediate tensors."""
+
+    def __init__(self, model: onnx.ModelProto, extra_outputs: Sequence[str] = (), threads: int = 0) -> None:
+        produced = tensor_names(model)
+        missing = [t for t in extra_outputs if t not in produced]
+        if missing:
+            raise GraphError(f"tensor {missing[0]!r} is not in the model{suggest(missing[0], produced)}")
+        self.model = with_outputs(model, extra_outputs) if extra_outputs else model
+        self.session = _session_for(self.model, threads)
+        self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.output_names = tuple(o.name for o in self.session.get_outputs())
+
+    def run(self, feeds: Feeds, outputs: Sequence[str]) -> list[npt.NDArray[Any]]:
+        """Run one batch; ``feeds`` may hold extra inputs the model does not take."""
+        unknown = [o for o in outputs if o not in self.output_names]
+        if unknown:
+            raise GraphError(f"the model has no output {unknown[0]!r}{suggest(unknown[0], self.output_names)}")
+        absent = [n for n in self.input_names if n not in feeds]
+        if absent:
+            raise ConfigError(f"the model needs input {absent[0]!r}; the feeds hold {sorted(feeds)}")
+        result = self.session.run(list(outputs), {n: feeds[n] for n in self.input_names})
+        return [np.asarray(r) for r in result]
+
+
+def length_order(texts: Sequence[str]) -> npt.NDArray[np.int64]:
+    """Indices that sort ``texts`` by character length (stable), so batches need little padding."""
+    return np.argsort(np.asarray([len(t) for t in texts], dtype=np.int64), kind="stable")
+
+
+def batches(
+    texts: Sequence[str],
+    tokenizer_json: Path | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> Iterator[tuple[npt.NDArray[np.int64], Feeds]]:
+    """Tokenized batches in length order, each with the indices (into ``texts``) of its rows."""
+    from calib.tokenize import encode
+
+    if not texts:
+        raise ConfigError("no texts to evaluate")
+    if tokenizer_json is None:
+        from builder.intake.minilm import tokenizer_json_path
+
+        tokenizer_json = tokenizer_json_path()
+    order = length_order(texts)
+    feeds = encode([texts[int(i)] for i in order], tokenizer_json, max_length=max_length, batch_size=batch_size)
+    start = 0
+    for feed in feeds:
+        rows = int(feed["attention_mask"].shape[0])
+        yield order[start : start + rows], feed
+        start += rows
+    if start != len(texts):
+        raise ConfigError(f"the tokenizer produced {start} rows for {len(texts)} texts")
+
+
+def embed(
+    model: onnx.ModelProto | OrtRunner,
+    texts: Sequence[str],
+    tokenizer_json: Path | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> npt.NDArray[np.float32]:
+    """Pooled sentence embeddings ``[len(texts), hidden]`` (the model's ``sentence_embedding`` output)."""
+    runner = model if isinstance(model, OrtRunner) else OrtRunner(model)
+    out: npt.NDArray[np.float32] | None = None
+    for rows, feed in batches(texts, tokenizer_json, batch_size, max_length):
+        (emb,) = runner.run(feed, [EMBEDDING_OUTPUT])
+        if out is None:
+            out = np.zeros((len(texts), emb.shape[-1]), dtype=np.float32)
+        out[rows] = emb.astype(np.float32)
+        if not np.all(np.isfinite(emb)):
+            raise GraphError(f"the model produced non-finite embeddings for rows {rows[:4].tolist()}...")
+    assert out is not None  # batches() rejects empty input
+    return out
