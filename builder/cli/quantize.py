@@ -48,14 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", type=Path, help="output folder (default engines/<model name>)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved recipe and per-node decisions, write nothing")
-    data = parser.add_argument_group("calibration data (read only by recipes that set bias_correction)")
-    data.add_argument("--calib-data", default="vader", help="vader, lee, or a .txt/.jsonl file (default: vader)")
-    data.add_argument("--samples", type=int, default=512, help="calibration texts (default: 512)")
-    data.add_argument("--seed", type=int, default=0, help="data split and shuffle seed (default: 0)")
-    data.add_argument("--batch-size", type=int, default=16, help="texts per batch (default: 16)")
-    data.add_argument("--max-length", type=int, default=128, help="tokens per text at most (default: 128)")
-    data.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the bundled MiniLM tokenizer)")
+    from builder.cli.run import add_calib_data_arguments
 
+    add_calib_data_arguments(parser.add_argument_group("calibration data (read only by recipes that set "
+                                                       "bias_correction)"))
 
 def _flagged(args: argparse.Namespace) -> tuple[int, ...] | None:
     from calib.errors import ConfigError
@@ -97,7 +93,7 @@ def _print_config(recipe: Any, report: Any, flagged: tuple[int, ...] | None) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    from builder.cli.steps import CalibSettings, calibration_feeds
+    from builder.cli.steps import calibration_feeds
     from builder.graph.analyze import analyze
     from builder.graph.load import load_model
     from builder.lower.quantize import lower_with_correction, resolve_recipe
@@ -126,9 +122,9 @@ def run(args: argparse.Namespace) -> int:
                       seq_len=args.seq_len)
     feeds = None
     if quant_plan.bias_correction_nodes:
-        feeds = calibration_feeds(CalibSettings(data=args.calib_data, samples=args.samples, seed=args.seed,
-                                                batch_size=args.batch_size, max_length=args.max_length,
-                                                tokenizer=args.tokenizer))
+        from builder.cli.run import calib_settings
+
+        feeds = calibration_feeds(calib_settings(args))
     lowered = lower_with_correction(model, quant_plan, args.variant, feeds)
     out: Path = args.output or Path("engines") / args.model.stem
     atomic_write_bytes(out / "model.onnx", lowered.serialize())

@@ -44,14 +44,19 @@ exit codes: 0 ok, 2 bad flag, recipe or input, 3 graph or calibration, 4 build, 
 """
 
 
-def add_calibration_arguments(group: argparse._ArgumentGroup) -> None:
-    """The calibration-data flag group of the pipeline."""
+def add_calib_data_arguments(group: argparse._ArgumentGroup) -> None:
+    """Where calibration text comes from and how it is batched (read by :func:`calib_settings`)."""
     group.add_argument("--calib-data", default="vader", help="vader, lee, or a .txt/.jsonl file (default: vader)")
     group.add_argument("--samples", type=int, default=512, help="calibration texts (default: 512)")
     group.add_argument("--seed", type=int, default=0, help="data split and shuffle seed (default: 0)")
     group.add_argument("--batch-size", type=int, default=16, help="texts per batch (default: 16)")
     group.add_argument("--max-length", type=int, default=128, help="tokens per text at most (default: 128)")
     group.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the bundled MiniLM tokenizer)")
+
+
+def add_calibration_arguments(group: argparse._ArgumentGroup) -> None:
+    """The calibration flag group of the pipeline: data, primary range method, fresh start."""
+    add_calib_data_arguments(group)
     group.add_argument("--method", default="max", choices=("max", "percentile", "entropy", "mse"),
                        help="range method of ranges.json and calibration.cache; the recipe's own per-role "
                             "choices are decided from the same statistics (default: max)")
