@@ -4,7 +4,9 @@ Quantizing a GEMM's inputs and weights shifts the mean of its output (Nagel et a
 Quantization", section 4.2, the empirical variant; Banner et al. 2019). For every INT8 weight GEMM
 whose output feeds an ``Add`` with a constant bias initializer (``MatMul -> Add(bias)``), this pass runs
 the calibration feeds through the FP32 model and the lowered model, takes the per-output-channel mean of
-``quantized GEMM output - FP32 GEMM output`` over the non-padding tokens and subtracts it from the bias.
+``quantized GEMM+bias output - FP32 GEMM+bias output`` over the non-padding tokens and subtracts it from the
+bias. Measuring after the bias ``Add`` keeps whatever an earlier pass folded into the bias (the offset of a
+centered input, :mod:`builder.lower.center`).
 
 Correction is sequential: the GEMMs are grouped into stages by how many corrected GEMMs lie upstream of
 them (for a transformer block: Q/K/V, then the attention output, then FC1, then FC2), and a stage is
@@ -41,7 +43,7 @@ class BiasTarget:
     """One GEMM whose bias absorbs the mean output error."""
 
     node: str  # the INT8 weight GEMM (MatMul)
-    output: str  # its output tensor (the same name in the FP32 model)
+    output: str  # the bias Add's output, where the error is measured (the same name in the FP32 model)
     add: str  # the Add that adds the bias
     bias: str  # the bias initializer
     stage: int  # number of corrected GEMMs on the longest upstream path
@@ -98,7 +100,7 @@ def find_targets(model: onnx.ModelProto, nodes: Collection[str] | None = None) -
                 logger.info("bias correction: GEMM %s has no constant bias Add; left as is", n.name)
         if found is not None:
             add, bias = found
-            targets.append(BiasTarget(node=n.name, output=n.output[0], add=add.name, bias=bias, stage=depth))
+            targets.append(BiasTarget(node=n.name, output=add.output[0], add=add.name, bias=bias, stage=depth))
             depth += 1
         for o in n.output:
             level[o] = depth
@@ -203,7 +205,7 @@ def correct_biases(fp32_model: onnx.ModelProto, lowered_model: onnx.ModelProto, 
     """A copy of ``lowered_model`` whose GEMM biases absorb the mean output error on ``feeds``.
 
     ``nodes`` limits the correction to these GEMM node names (None: every INT8 weight GEMM with a bias Add).
-    Each GEMM's output tensor must carry the same name in ``fp32_model``. ``feeds`` are the calibration
+    Each GEMM's bias Add output must carry the same name in ``fp32_model``. ``feeds`` are the calibration
     batches (never evaluation data); ``mask_input`` names the padding mask that selects the tokens averaged.
     """
     batches = list(feeds)
@@ -218,7 +220,7 @@ def correct_biases(fp32_model: onnx.ModelProto, lowered_model: onnx.ModelProto, 
     fp32_tensors = {o for n in fp32_model.graph.node for o in n.output}
     absent = [t.output for t in targets if t.output not in fp32_tensors]
     if absent:
-        raise BuildError(f"bias correction: GEMM outputs {absent[:5]} are not in the FP32 model; pass the model "
+        raise BuildError(f"bias correction: GEMM bias outputs {absent[:5]} are not in the FP32 model; pass the model "
                          "the lowered graph was made from")
     reference = channel_means(fp32_model, [t.output for t in targets], batches, mask_input=mask_input,
                               threads=threads)

@@ -5,7 +5,8 @@ Passes, each followed by the ONNX checker and the Q/DQ invariants (:mod:`builder
     0. opset     default-domain opset raised to 19 (ONNX version converter where ops changed)
     1. fwq       HERO feature-wise scales folded into LayerNorm gamma/beta and the next weights' rows
     2. peg       Bondarenko per-embedding-group split of GEMM inputs
-    3. qdq       per-tensor activation Q/DQ and INT8 per-channel weights behind DequantizeLinear
+    3. qdq       per-tensor activation Q/DQ and INT8 per-channel weights behind DequantizeLinear; centered
+                 edges get a Sub before QuantizeLinear and their offset folded into the GEMM biases
     4. fallback  FP16/BF16 Cast islands (and the per-node precision list for weakly typed TensorRT 10)
     5. fp16      whole-graph FP16 conversion when the plan's model dtype is fp16 (the FP16 baseline)
     6. plugins   only for variant="plugin": LN->Q and Softmax->Q swapped for the fused plugin nodes
@@ -25,6 +26,7 @@ from typing import Any
 
 import onnx
 
+from builder.lower.center import fold_offsets
 from builder.lower.checks import check_model
 from builder.lower.fallback import convert_fp16, lower_fallback
 from builder.lower.fold import fold_feature_scales
@@ -97,6 +99,7 @@ def lower(model: onnx.ModelProto, plan: QuantPlan, variant: str = "portable") ->
     def qdq() -> None:
         lower_tensor_activations(ed, plan)
         lower_weights(ed, plan, skip=split)
+        fold_offsets(ed, plan)
 
     _run_pass(ed, "qdq", qdq)
     precision = {w.node: "int8" for w in plan.weights}

@@ -5,6 +5,7 @@ only on weights (axis = output channel of the weight as stored), activations per
 [-127, 127] stored as INT8 initializers behind a DequantizeLinear.
 
     act:     x -> QuantizeLinear(s) -> DequantizeLinear(s) -> GEMM
+    centered x -> Sub(c) -> QuantizeLinear(s) -> DequantizeLinear(s) -> GEMM -> Add(bias + c * colsum(W))
     weight:  W_int8 (initializer) -> DequantizeLinear(s[axis]) -> GEMM
 """
 
@@ -39,12 +40,19 @@ def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
     return quantize(w, scale.reshape(shape), narrow=True), scale
 
 
-def insert_qdq(ed: GraphEditor, tensor: str, amax: float, consumers: tuple[str, ...], tag: str = "") -> str:
-    """Insert Q -> DQ on ``tensor``; rewire ``consumers`` (``("*",)``: every reader). Returns the DQ output."""
+def insert_qdq(ed: GraphEditor, tensor: str, amax: float, consumers: tuple[str, ...], tag: str = "",
+               offset: float = 0.0) -> str:
+    """Insert Q -> DQ on ``tensor``; rewire ``consumers`` (``("*",)``: every reader). Returns the DQ output.
+
+    With an ``offset`` c (centered edges, named consumers only) the pair quantizes ``Sub(tensor, c)``; the
+    consumers' biases absorb c afterwards (:func:`builder.lower.center.fold_offsets`).
+    """
     base = tensor + tag
     scale = ed.add_initializer(f"{base}_scale", np.array(act_scale(amax), dtype=np.float32))
     zero = ed.add_initializer(f"{base}_zero_point", np.array(0, dtype=np.int8))
     if consumers == (ALL_CONSUMERS,):
+        if offset:
+            raise BuildError(f"tensor {tensor!r}: a centered Q/DQ needs named GEMM consumers to fold its offset into")
         source = ed.unique(f"{base}_prequant")
         if ed.producer(tensor) is None:
             raise BuildError(f"cannot quantize graph input {tensor!r} for every consumer")
@@ -53,9 +61,14 @@ def insert_qdq(ed: GraphEditor, tensor: str, amax: float, consumers: tuple[str, 
         ed.add_node("QuantizeLinear", [source, scale, zero], [quantized], name=f"{base}_QuantizeLinear")
         ed.add_node("DequantizeLinear", [quantized, scale, zero], [tensor], name=f"{base}_DequantizeLinear")
         return tensor
+    source = tensor
+    if offset:
+        center = ed.add_initializer(f"{base}_center", np.array(offset, dtype=np.float32))
+        source = ed.unique(f"{base}_centered")
+        ed.add_node("Sub", [tensor, center], [source], name=f"{base}_Center")
     quantized = ed.unique(f"{base}_quantized")
     dequantized = ed.unique(f"{base}_dequantized")
-    ed.add_node("QuantizeLinear", [tensor, scale, zero], [quantized], name=f"{base}_QuantizeLinear")
+    ed.add_node("QuantizeLinear", [source, scale, zero], [quantized], name=f"{base}_QuantizeLinear")
     ed.add_node("DequantizeLinear", [quantized, scale, zero], [dequantized], name=f"{base}_DequantizeLinear")
     for name in consumers:
         node = ed.node(name)
@@ -92,7 +105,7 @@ def lower_tensor_activations(ed: GraphEditor, plan: QuantPlan) -> None:
     """Insert Q/DQ for every per-tensor activation edge of the plan."""
     for act in plan.activations:
         if act.scheme == Scheme.TENSOR:
-            insert_qdq(ed, act.tensor, act.amax, act.consumers)
+            insert_qdq(ed, act.tensor, act.amax, act.consumers, offset=act.offset)
 
 
 def lower_weights(ed: GraphEditor, plan: QuantPlan, skip: set[str]) -> None:

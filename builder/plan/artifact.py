@@ -38,7 +38,8 @@ class ActivationQuant:
     ``consumers`` are the nodes that read the quantized value; ``("*",)`` means every consumer, graph
     outputs included (the producer's output itself is quantized). ``amax`` is the per-tensor range of the
     value that enters QuantizeLinear: for ``feature`` it is the range after dividing by ``feature_scale``;
-    for ``peg`` each group has its own range and ``amax`` is their maximum.
+    for ``peg`` each group has its own range and ``amax`` is their maximum. A centered edge (``offset`` not 0)
+    quantizes ``x - offset`` with range ``amax`` and its consumers' biases absorb ``offset``.
     """
 
     tensor: str
@@ -49,10 +50,13 @@ class ActivationQuant:
     feature_scale: tuple[float, ...] | None = None
     groups: tuple[PegGroup, ...] = ()
     scale_group: str = ""  # activations sharing one scale (e.g. the Q/K/V operands of one attention)
+    offset: float = 0.0  # centered edges: the midpoint c subtracted before QuantizeLinear
 
     def __post_init__(self) -> None:
         if not self.amax > 0.0:
             raise ConfigError(f"activation {self.tensor!r}: amax {self.amax} must be positive")
+        if self.offset and (self.scheme != Scheme.TENSOR or self.all_consumers):
+            raise ConfigError(f"activation {self.tensor!r}: an offset needs scheme tensor and named GEMM consumers")
         if self.scheme == Scheme.FEATURE and not self.feature_scale:
             raise ConfigError(f"activation {self.tensor!r}: scheme feature needs feature scales")
         if self.scheme == Scheme.PEG and not self.groups:
@@ -72,6 +76,7 @@ class ActivationQuant:
             "feature_scale": None if self.feature_scale is None else list(self.feature_scale),
             "groups": [g.to_dict() for g in self.groups],
             "scale_group": self.scale_group,
+            "offset": self.offset,
         }
 
     @classmethod
@@ -81,7 +86,7 @@ class ActivationQuant:
                    amax=float(data["amax"]), method=str(data["method"]),
                    feature_scale=None if fs is None else tuple(float(v) for v in fs),
                    groups=tuple(PegGroup.from_dict(g) for g in data.get("groups", [])),
-                   scale_group=str(data.get("scale_group", "")))
+                   scale_group=str(data.get("scale_group", "")), offset=float(data.get("offset", 0.0)))
 
 
 @dataclass(frozen=True, kw_only=True)

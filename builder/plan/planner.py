@@ -17,7 +17,7 @@ from typing import Any
 
 from builder.graph.report import GraphReport, RoleAssignment
 from builder.plan.artifact import ALL_CONSUMERS, ActivationQuant, NodePlan, QuantPlan, WeightQuant
-from builder.plan.ranges import RangeSource, feature_scales, peg_groups
+from builder.plan.ranges import RangeSource, centered_range, feature_scales, peg_groups
 from builder.recipes.loader import recipe_to_json
 from builder.recipes.model import (
     ACT_GEMM_ROLES,
@@ -37,7 +37,7 @@ from calib.range_table import RangeTable
 logger = logging.getLogger(__name__)
 
 # The settings fields that decide how one tensor is quantized; requests for one tensor must agree on them.
-_QUANT_FIELDS = ("scheme", "range", "percentile", "fixed_amax", "groups", "alpha")
+_QUANT_FIELDS = ("scheme", "range", "percentile", "fixed_amax", "groups", "alpha", "center")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,9 @@ def _requests_for(node: ResolvedNode) -> list[_Request]:
         if a.weight is None or a.weight_axis is None or not a.inputs:
             raise GraphError(f"GEMM {a.node!r} ({a.role.value}) has no weight initializer the plan can quantize")
         return [_Request(a.inputs[0], a.node, s)]
+    if s.center:
+        raise ConfigError(f"node {a.node!r} ({a.role.value}): center folds the shift into a GEMM bias, so it applies "
+                          "to weight-GEMM inputs only (roles qkv, q_proj, k_proj, v_proj, attn_out, fc1, fc2, gemm)")
     if a.role in ACT_GEMM_ROLES:
         if s.scheme != Scheme.TENSOR:
             raise ConfigError(f"node {a.node!r} ({a.role.value}): scheme {s.scheme.value if s.scheme else None} "
@@ -143,6 +146,11 @@ def _activation(tensor: str, consumers: tuple[str, ...], s: Settings, source: Ra
         return ActivationQuant(tensor=tensor, consumers=consumers, scheme=s.scheme,
                                amax=max(g.amax for g in groups), method=f"peg:K={s.groups}", groups=groups)
     amax, method = source.amax(tensor, s)
+    if s.center:
+        offset, half = centered_range(amax, *source.observed(tensor))
+        if half > 0.0:
+            return ActivationQuant(tensor=tensor, consumers=consumers, scheme=s.scheme, amax=half,
+                                   method=f"{method}+center", offset=offset)
     return ActivationQuant(tensor=tensor, consumers=consumers, scheme=s.scheme, amax=amax, method=method)
 
 

@@ -95,6 +95,13 @@ class RangeSource:
         label = f"percentile:{entry.percentile}" if entry.method == RangeMethod.PERCENTILE else entry.method.value
         return entry.amax, label
 
+    def observed(self, tensor: str) -> tuple[float, float]:
+        """The smallest and largest value of ``tensor`` seen in calibration."""
+        entries = self._entries(tensor)
+        if not entries:
+            raise CalibrationError(f"no range for tensor {tensor!r} in any table")
+        return entries[0].observed_min, entries[0].observed_max
+
     def stats(self, tensor: str, name: str) -> tuple[float, ...]:
         """A per-dimension statistic (``channel_amax``, ``dim_min``, ``dim_max``) of ``tensor``."""
         for entry in self._entries(tensor):
@@ -117,6 +124,19 @@ def feature_scales(channel_amax: Sequence[float], alpha: float) -> tuple[tuple[f
     s = s / float(np.max(s)) if alpha > 0 else s  # normalize: the largest feature keeps its scale
     amax = float(np.max(c / s))
     return tuple(float(v) for v in s.astype(np.float32)), amax
+
+
+def centered_range(amax: float, observed_min: float, observed_max: float) -> tuple[float, float]:
+    """(offset c, half-width h) of a centered INT8 range: the symmetric clip [-amax, amax] intersected with the
+    observed [min, max] is [lo, hi]; c = (lo + hi) / 2 and h = (hi - lo) / 2, so x - c is quantized with the
+    symmetric scale h / 127. A one-sided tensor (a GELU output, a LayerNorm output with one-signed outlier
+    dimensions) gets up to twice the resolution of the symmetric range. h is 0 for a constant tensor.
+    """
+    lo = max(float(observed_min), -float(amax))
+    hi = min(float(observed_max), float(amax))
+    if not hi > lo:
+        return 0.0, 0.0
+    return (lo + hi) / 2.0, (hi - lo) / 2.0
 
 
 def peg_groups(tensor: str, dim_min: Sequence[float], dim_max: Sequence[float], k: int) -> tuple[PegGroup, ...]:

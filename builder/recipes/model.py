@@ -146,6 +146,7 @@ class Settings:
     groups: int | None = None  # PEG: number of embedding groups K
     alpha: float | None = None  # FWQ migration strength: S_j = colmax_j ** alpha
     bias_correction: bool | None = None  # INT8 weight GEMMs: empirical bias correction on the calibration data
+    center: bool | None = None  # weight-GEMM inputs: quantize x - c (c = range midpoint), fold c into the bias
 
     def __post_init__(self) -> None:
         if self.percentile is not None and not 50.0 < self.percentile <= 100.0:
@@ -161,6 +162,9 @@ class Settings:
                 f"conflicting settings: precision {self.precision.value} with scheme {self.scheme.value} "
                 "(a scheme applies to INT8 activations only)"
             )
+        if self.center and self.scheme in (Scheme.PEG, Scheme.FEATURE):
+            raise ConfigError(f"conflicting settings: center with scheme {self.scheme.value} (centering applies to "
+                              "scheme tensor, the plain per-tensor INT8 input of a weight GEMM)")
 
     def merged(self, later: Settings) -> Settings:
         """These settings with every field ``later`` sets taken from ``later`` (last match wins)."""
@@ -177,7 +181,8 @@ class Settings:
 
 
 FULL_DEFAULTS = Settings(precision=Precision.FP32, range=RangeChoice.MAX, scheme=Scheme.TENSOR, groups=6,
-                         alpha=1.0, fixed_amax=1.0, percentile=99.99, bias_correction=False)
+                         alpha=1.0, fixed_amax=1.0, percentile=99.99, bias_correction=False,
+                         center=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,7 +266,7 @@ def settings_from_dict(data: Any, where: str) -> Settings:
     for key, value in mapping.items():
         if key in enums:
             kwargs[key] = _enum(enums[key], value, f"{where}.{key}")
-        elif key == "bias_correction":
+        elif key in ("bias_correction", "center"):
             kwargs[key] = _bool(value, f"{where}.{key}")
         elif key == "groups":
             if not isinstance(value, int) or isinstance(value, bool):

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from builder.plan.artifact import QuantPlan
 from builder.recipes.loader import preset_names
 from calib.range_table import RangeMethod, RangeTable
 
-Setup = tuple[onnx.ModelProto, GraphReport, RangeTable]
+Setup = tuple[onnx.ModelProto, GraphReport, list[RangeTable]]
 
 
 def _feeds(texts: list[str], max_length: int = 32, batch_size: int = 16) -> list[dict[str, np.ndarray]]:
@@ -32,14 +33,17 @@ def _feeds(texts: list[str], max_length: int = 32, batch_size: int = 16) -> list
 
 @pytest.fixture(scope="module")
 def minilm(minilm_onnx: Path) -> Setup:
-    from calib.calibrate import calibrate
+    """MiniLM, its report and the range tables every preset asks for (MSE and the 99.995th percentile)."""
+    from calib.calibrate import RangeSpec, range_table
+    from calib.collect import CollectOptions, collect
     from calib.data import vader_splits
 
     model = onnx.load(str(minilm_onnx))
     report = analyze(model, name="minilm")
     texts = [s.text for s in vader_splits().calibration[:48]]
-    table = calibrate(model, _feeds(texts), calibration_tensors(model, report), RangeMethod.PERCENTILE, 99.995)
-    return model, report, table
+    collection = collect(model, _feeds(texts), calibration_tensors(model, report), CollectOptions(per_token=False))
+    specs = (RangeSpec(method=RangeMethod.MSE), RangeSpec(method=RangeMethod.PERCENTILE, percentile=99.995))
+    return model, report, [range_table(collection, s, model_name="minilm", data_source="vader") for s in specs]
 
 
 def _embedding(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -57,8 +61,8 @@ FAST_PRESETS = ("int8-gemm", "hero-m3", "bondarenko-peg")  # the others run unde
 def test_every_preset_lowers_runs_and_stays_close(minilm: Setup, preset: str) -> None:
     from calib.data import vader_splits
 
-    model, report, table = minilm
-    q = quantize(model, preset, table, report=report, outliers={4, 5})
+    model, report, tables = minilm
+    q = quantize(model, preset, tables, report=report, outliers={4, 5})
     onnx.checker.check_model(q.model)
     feeds = _feeds([s.text for s in vader_splits().test[:16]])
     ref, out = _embedding(model, feeds), _embedding(q.model, feeds)
@@ -69,37 +73,63 @@ def test_every_preset_lowers_runs_and_stays_close(minilm: Setup, preset: str) ->
 
 
 def test_int8_gemm_agrees_with_onnx_reference(minilm: Setup) -> None:
-    """The encoder (embedding LayerNorm output -> sentence embedding) in ONNX Runtime and onnx.reference.
+    """Each encoder block in ONNX Runtime and onnx.reference, both fed ONNX Runtime's input to that block.
 
-    The embedding front end is cut off: onnx.reference's GatherElements fails on the exported position-id path.
+    Block by block, because the INT8 model is chaotic end to end: a 1e-5 change of the encoder input flips
+    INT8 codes that grow through the later blocks, so two float implementations that differ in summation
+    order only can be compared fairly when each block starts from the same values. Per block, the INT8 codes
+    of every QuantizeLinear agree within one step on >= 99.9% of elements and the block output agrees within
+    0.05 (a LayerNorm output, values of order 1). The embedding front end is cut off: onnx.reference's
+    GatherElements fails on the exported position-id path.
     """
     import onnxruntime as ort
     from onnx.reference import ReferenceEvaluator
     from onnx.utils import Extractor
 
-    model, report, table = minilm
-    q = quantize(model, "int8-gemm", table, report=report)
+    from builder.evaluate.layers import stream_tensors
+
+    model, report, tables = minilm
+    q = quantize(model, "int8-gemm", tables, report=report)
     ln = report.find(Role.EMBED_LN, None)
     assert ln is not None
     feed = _feeds(["a gripping, funny and sad film ."], max_length=12)[0]
-    start = ln.outputs[0]
+    blocks = [ln.outputs[0]] + [t for _, point, t in stream_tensors(report) if point == "block"]
+    assert len(blocks) == 7
+    quantized = [n.output[0] for n in q.model.graph.node if n.op_type == "QuantizeLinear"]
+    # values the blocks read from the front end (the additive mask, shape scalars): fed from ONNX Runtime
+    producer = {o: n for n in q.model.graph.node for o in n.output}
+    shared = sorted({t for n in q.model.graph.node if "/encoder/layer." in n.name for t in n.input
+                     if t in producer and "/encoder/layer." not in producer[t].name
+                     and producer[t].op_type != "Constant" and not t.startswith(blocks[0])})
+    assert shared
     full = onnx.ModelProto()
     full.CopyFrom(q.model)
-    full.graph.output.append(onnx.helper.make_empty_tensor_value_info(start))
+    names = blocks + quantized + shared
+    full.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in names)
     sess = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
-    hidden, ort_out = sess.run([start, "sentence_embedding"], feed)
-    encoder = Extractor(q.model).extract_model([start, "attention_mask"], ["sentence_embedding"])
-    (ref_out,) = ReferenceEvaluator(encoder).run(None, {start: hidden, "attention_mask": feed["attention_mask"]})
-    np.testing.assert_allclose(ort_out, ref_out, atol=2e-3, rtol=0)
+    ort_values = dict(zip(names, sess.run(names, feed), strict=True))
+    checked: set[str] = set()
+    for first, last in itertools.pairwise(blocks):
+        block = Extractor(full).extract_model([first, *shared], [last])
+        inside = [n.output[0] for n in block.graph.node if n.op_type == "QuantizeLinear"]
+        block = Extractor(full).extract_model([first, *shared], [last, *inside])
+        used = {i.name for i in block.graph.input}
+        ref = ReferenceEvaluator(block).run(None, {t: ort_values[t] for t in [first, *shared] if t in used})
+        np.testing.assert_allclose(ort_values[last], ref[0], atol=0.05, rtol=0)
+        for name, codes in zip(inside, ref[1:], strict=True):
+            diff = np.abs(ort_values[name].astype(np.int32) - codes.astype(np.int32))
+            assert np.mean(diff <= 1) >= 0.999, name
+            checked.add(name)
+    assert checked == set(quantized), set(quantized) - checked
 
 
 def test_quantize_cli_writes_artifacts(minilm: Setup, minilm_onnx: Path, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     from builder.cli.main import main
 
-    _, _, table = minilm
+    _, _, tables = minilm
     ranges = tmp_path / "ranges.json"
-    ranges.write_text(table.to_json())
+    ranges.write_text(tables[0].to_json())
     out = tmp_path / "engine"
     code = main(["quantize", str(minilm_onnx), "--ranges", str(ranges), "--recipe", "int8-gemm",
                  "--fallback", "layer.5.fc2=fp16", "-o", str(out)])
@@ -119,7 +149,8 @@ def test_quantize_cli_bad_input(minilm: Setup, minilm_onnx: Path, tmp_path: Path
                                 capsys: pytest.CaptureFixture[str]) -> None:
     from builder.cli.main import main
 
-    _, report, table = minilm
+    _, report, tables = minilm
+    table = tables[0]
     assert main(["quantize", str(minilm_onnx), "--recipe", "int8-gemm", "--fallback", "layer.7.fc2=fp16",
                  "--print-config"]) == 2
     err = capsys.readouterr().err
@@ -156,9 +187,8 @@ def test_accuracy_acceptance(minilm_onnx: Path) -> None:
     assert len(calib_texts) == 512
     collection = collect(model, encode(calib_texts, tokenizer_json_path(), batch_size=16),
                          calibration_tensors(model, report), CollectOptions(per_token=False))
-    tables = [range_table(collection, RangeSpec(method=RangeMethod.MAX), model_name="minilm", data_source="vader"),
-              range_table(collection, RangeSpec(method=RangeMethod.PERCENTILE, percentile=99.995),
-                          model_name="minilm", data_source="vader")]
+    tables = [range_table(collection, RangeSpec(method=m, percentile=p), model_name="minilm", data_source="vader")
+              for m, p in ((RangeMethod.MSE, None), (RangeMethod.PERCENTILE, 99.995))]
     train, test = list(splits.train)[:2000], list(splits.test)[:2000]
     y_train, y_test = [s.rating > 0 for s in train], [s.rating > 0 for s in test]
     ref_train = embed(OrtRunner(model), [s.text for s in train])
@@ -189,15 +219,15 @@ def test_bias_correction_raises_cosine_on_held_out_sentences(minilm: Setup) -> N
     from builder.recipes.model import Rule, Selector, Settings
     from calib.data import vader_splits
 
-    model, report, table = minilm
+    model, report, tables = minilm
     splits = vader_splits()
     roles = (Role.Q_PROJ, Role.K_PROJ, Role.V_PROJ, Role.ATTN_OUT, Role.FC1)
     recipe = load_preset("int8-gemm").with_rules((Rule(select=Selector(roles=roles),
                                                        set=Settings(bias_correction=True)),))
     calib_feeds = _feeds([s.text for s in splits.calibration[:48]])
-    corrected = quantize(model, recipe, table, report=report, calibration_feeds=calib_feeds)
+    corrected = quantize(model, recipe, tables, report=report, calibration_feeds=calib_feeds)
     assert len(corrected.plan.bias_correction_nodes) == 30
-    plain = quantize(model, "int8-gemm", table, report=report)
+    plain = quantize(model, "int8-gemm", tables, report=report)
     feeds = _feeds([s.text for s in splits.train[-128:]])
     ref = _embedding(model, feeds)
 

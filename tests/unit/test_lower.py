@@ -110,10 +110,12 @@ def test_activation_qdq_is_bit_exact_fake_quant(toy: Toy, feeds: dict[str, np.nd
     x = fc2.inputs[0]
     node = next(n for n in q.model.graph.node if n.name == fc2.node)
     out = run_ort(q.model, feeds, [x, node.input[0]])
-    rng = table.get(x)  # the FC2 input takes the 99.995th percentile in int8-gemm
-    assert rng.percentile == 99.995
-    scale = np.float32(rng.amax / 127)  # amax in float64, scale in float32
-    np.testing.assert_array_equal(out[node.input[0]], fake_quant(out[x], scale))
+    rng = table.get(x)  # the FC2 input takes its MSE range in int8-gemm, centered on the clipped range
+    assert rng.method.value == "mse"
+    lo, hi = max(rng.observed_min, -rng.amax), min(rng.observed_max, rng.amax)
+    scale = np.float32((hi - lo) / 2 / 127)  # range in float64, scale in float32
+    centered = out[x] - np.float32((lo + hi) / 2)
+    np.testing.assert_array_equal(out[node.input[0]], fake_quant(centered, scale))
 
 
 def test_lowered_model_agrees_with_onnx_reference(toy: Toy, feeds: dict[str, np.ndarray]) -> None:

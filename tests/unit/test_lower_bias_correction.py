@@ -103,11 +103,12 @@ def test_recipe_setting_reaches_plan_and_rejects_bad_values(toy: Toy) -> None:
 
 def test_first_stage_biases_match_numpy_reference(toy: Toy) -> None:
     """Layer-0 Q/K/V read the embedding LayerNorm output, which no correction changes: their new biases are
-    old bias - mean(fake_quant(x) @ fake_quant_per_channel(W) - x @ W) over the calibration tokens."""
+    old bias - mean(fake_quant(x - c) @ fake_quant_per_channel(W) - x @ W) over the calibration tokens (the
+    centering offset c that the lowering folded into the bias is part of what the correction measures)."""
     model, report, table, feeds = toy
     q = quantize(model, corrected_recipe(), table, report=report, calibration_feeds=feeds)
     weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    amax = {a.tensor: a.amax for a in q.plan.activations}
+    acts = {a.tensor: a for a in q.plan.activations}
     checked = 0
     for role in (Role.Q_PROJ, Role.K_PROJ, Role.V_PROJ):
         a = report.find(role, 0)
@@ -116,8 +117,9 @@ def test_first_stage_biases_match_numpy_reference(toy: Toy) -> None:
         w_scale = (np.max(np.abs(w), axis=0) / np.float32(127)).astype(np.float32)
         w_q = (np.clip(np.rint(w / w_scale), -127, 127) * w_scale).astype(np.float32)
         x_runs = outputs_over(model, feeds, [a.inputs[0]])[a.inputs[0]]
-        x_scale = np.float32(amax[a.inputs[0]] / 127)
-        shift = masked_mean([fake_quant(x, x_scale).astype(np.float64) @ w_q.astype(np.float64)
+        x_scale = np.float32(acts[a.inputs[0]].amax / 127)
+        c = np.float32(acts[a.inputs[0]].offset)  # int8-gemm centers its inputs; the GEMM reads DQ(Q(x - c))
+        shift = masked_mean([fake_quant(x - c, x_scale).astype(np.float64) @ w_q.astype(np.float64)
                              - x.astype(np.float64) @ w.astype(np.float64) for x in x_runs], feeds)
         _, add_fp = gemm_and_add(model, a.node)
         _, add_q = gemm_and_add(q.model, a.node)

@@ -12,7 +12,7 @@ from builder.graph.targets import calibration_tensors
 from builder.plan.artifact import ALL_CONSUMERS, QuantPlan
 from builder.plan.flops import gemm_flops
 from builder.plan.planner import plan
-from builder.plan.ranges import feature_scales, peg_groups
+from builder.plan.ranges import centered_range, feature_scales, peg_groups
 from builder.recipes.loader import load_preset
 from builder.recipes.model import Precision, RangeChoice, Recipe, Rule, Scheme, Selector, Settings
 from calib.errors import CalibrationError, ConfigError
@@ -22,8 +22,8 @@ from tests.toygraphs import bert_block_model
 WEIGHT_ROLES = (Role.Q_PROJ, Role.K_PROJ, Role.V_PROJ, Role.ATTN_OUT, Role.FC1, Role.FC2)
 
 
-def toy_ranges(model: onnx.ModelProto, report: GraphReport, method: RangeMethod = RangeMethod.PERCENTILE,
-               percentile: float | None = 99.995, sentences: int = 24) -> RangeTable:
+def toy_ranges(model: onnx.ModelProto, report: GraphReport, method: RangeMethod = RangeMethod.MSE,
+               percentile: float | None = None, sentences: int = 24) -> RangeTable:
     """Ranges of a toy graph calibrated on real VADER sentences (the toy vocabulary is BERT's).
 
     Every table keeps the observed min/max, so ``max`` ranges are available next to the table's method.
@@ -62,8 +62,9 @@ def test_int8_gemm_places_qdq_on_every_weight_gemm_input(toy: tuple[onnx.ModelPr
         assert q is not None
         shared = by_tensor[q.inputs[0]]
         assert len(shared.consumers) == 3 and shared.scheme == Scheme.TENSOR
-        rng = table.get(q.inputs[0])
-        assert shared.amax == max(abs(rng.observed_min), abs(rng.observed_max))
+        rng = table.get(q.inputs[0])  # max range, centered: midpoint offset and half-width
+        assert shared.offset == (rng.observed_min + rng.observed_max) / 2
+        assert shared.amax == (rng.observed_max - rng.observed_min) / 2
     for node in p.nodes:
         assert node.reason
         expected = Precision.INT8 if Role(node.role) in WEIGHT_ROLES else Precision.FP32
@@ -107,11 +108,11 @@ def test_missing_ranges_are_named(toy: tuple[onnx.ModelProto, GraphReport, Range
     with pytest.raises(CalibrationError, match=f"lacks 1 range.*{fc2.inputs[0]}.*not in any table"):
         plan(report, load_preset("int8-gemm"), partial)
     only_max = toy_ranges(toy[0], report, RangeMethod.MAX, None)
-    with pytest.raises(CalibrationError, match=r"lacks 2 range.*needs percentile:99\.995; has max"):
+    with pytest.raises(CalibrationError, match=r"lacks 2 range.*needs mse; has max"):
         plan(report, load_preset("int8-gemm"), only_max)
     wants_entropy = load_preset("int8-gemm").with_rules((
         Rule(select=Selector(roles=(Role.FC2,)), set=Settings(range=RangeChoice.ENTROPY)),))
-    with pytest.raises(CalibrationError, match=r"lacks 2 range.*needs entropy; has percentile"):
+    with pytest.raises(CalibrationError, match=r"lacks 2 range.*needs entropy; has mse"):
         plan(report, wants_entropy, table)
 
 
@@ -124,11 +125,14 @@ def test_several_tables_offer_several_methods(toy: tuple[onnx.ModelProto, GraphR
     fc2 = report.find(Role.FC2, 0)
     assert fc2 is not None
     act = next(a for a in p.activations if a.tensor == fc2.inputs[0])
-    assert act.method == "percentile:99.9" and act.amax == pct.get(fc2.inputs[0]).amax
+    rng = pct.get(fc2.inputs[0])
+    assert act.method == "percentile:99.9+center"
+    assert (act.offset, act.amax) == centered_range(rng.amax, rng.observed_min, rng.observed_max)
 
 
 def test_bondarenko_mp_reasons_name_the_rule(toy: tuple[onnx.ModelProto, GraphReport, RangeTable]) -> None:
-    _, report, table = toy
+    model, report, _ = toy
+    table = toy_ranges(model, report, RangeMethod.PERCENTILE, 99.995)  # its FC2 inputs take the 99.995th pct
     p = plan(report, load_preset("bondarenko-mp"), table, outliers={1})
     fc2 = report.find(Role.FC2, 1)
     assert fc2 is not None
