@@ -19,11 +19,6 @@ from typing import Any
 OUT_DIR = Path("engines/bench")
 CALIBRATION_BATCH = 16
 MAX_LENGTH = 128
-# Bondarenko et al. keep 16-bit where the FFN output / residual sum carries strong outliers. A layer is flagged
-# when one of those tensors has max|x| at least this many times its 99.99th percentile (calib.outliers); on
-# MiniLM every layer has outlier dimensions, but only the early layers' are this extreme.
-FLAG_ROLES = frozenset({"fc2", "ffn_residual"})
-FLAG_MAX_OVER_P9999 = 8.0
 
 logger = logging.getLogger("bench.accuracy")
 
@@ -77,21 +72,24 @@ def preset_tables(collection: Any, preset: str, data_source: str) -> list[Any]:
 
 
 def flagged_layers(setup: Setup, collection: Any) -> tuple[tuple[int, ...], list[dict[str, Any]]]:
-    """Layers whose FFN output or residual sum has max|x| >= FLAG_MAX_OVER_P9999 x its 99.99th percentile."""
+    """The layers bondarenko-mp keeps in 16 bits, by the planner's rule (builder.plan.planner.flagged_layers:
+    the FFN output or residual sum has max|x| >= MP_OUTLIER_RATIO x its 99.99th percentile), with the evidence."""
+    from builder.plan.planner import MP_ROLES
+    from builder.plan.planner import flagged_layers as planner_flagged
     from calib.outliers import outlier_report
 
     labels = {}
     for a in setup.report.assignments:
         for t in a.outputs:
             labels.setdefault(t, (a.layer, a.role.value))
-    rows = outlier_report(collection.stats, labels).rows
+    report = outlier_report(collection.stats, labels)
+    rows = report.rows
     evidence = [
         {"layer": r.layer, "role": r.role, "amax": r.amax, "range_share": r.range_share,
          "outlier_dims": list(r.outlier_dims[:4]), "max_over_p9999": r.max_over_p9999}
-        for r in rows if r.role in FLAG_ROLES and r.layer is not None
+        for r in rows if r.role in MP_ROLES and r.layer is not None
     ]
-    flagged = sorted({e["layer"] for e in evidence if e["max_over_p9999"] >= FLAG_MAX_OVER_P9999})
-    return tuple(flagged), evidence
+    return planner_flagged(report) or (), evidence
 
 
 def _timed(fn: Any) -> tuple[Any, float]:

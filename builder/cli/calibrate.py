@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HELP = """\
@@ -17,14 +18,15 @@ FFN and residual outputs). Writes ranges.json (RangeTable), calibration.cache (T
 calibration_state.npz (observer states: an interrupted run resumes from it; a finished one is reused).
 --report adds the outlier report (outliers.md / .json and per-dimension range plots).
 Data: vader (rated movie sentences; calibration split disjoint from evaluation), lee (gensim Lee background
-corpus) or a .txt (one text per line) / .jsonl ({"text": ...} per line) file.
+corpus) or a .txt (one text per line) / .jsonl ({"text": ...} per line) file: --calib-data, the flag every
+command shares (--data is kept as its alias).
 """
 
 EPILOG = """\
 examples:
-  build-engine calibrate model.onnx --data vader --samples 512 --method entropy -o engines/minilm
+  build-engine calibrate model.onnx --calib-data vader --samples 512 --method entropy -o engines/minilm
   build-engine calibrate model.onnx --method percentile --percentile 99.99 --report -o engines/minilm
-  build-engine calibrate model.onnx --data texts.jsonl --method mse --granularity group --groups 6
+  build-engine calibrate model.onnx --calib-data texts.jsonl --method mse --granularity group --groups 6
 
 exit codes: 0 ok, 2 bad flag or file, 3 unreadable model, bad or empty calibration data, non-finite activations
 """
@@ -35,13 +37,9 @@ GRANULARITIES = ("tensor", "channel", "group")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="ONNX model file (float)")
-    data = parser.add_argument_group("calibration data")
-    data.add_argument("--data", default="vader", help="vader, lee, or a .txt/.jsonl file (default: vader)")
-    data.add_argument("--samples", type=int, default=512, help="number of texts (default: 512)")
-    data.add_argument("--seed", type=int, default=0, help="shuffle seed of the data split (default: 0)")
-    data.add_argument("--batch-size", type=int, default=16, help="texts per batch (default: 16)")
-    data.add_argument("--max-length", type=int, default=128, help="truncate texts to this many tokens (default: 128)")
-    data.add_argument("--tokenizer", type=Path, help="tokenizer.json (default: the bundled MiniLM tokenizer)")
+    from builder.cli.run import add_calib_data_arguments
+
+    add_calib_data_arguments(parser.add_argument_group("calibration data"))
     ranges = parser.add_argument_group("ranges")
     ranges.add_argument("--method", choices=METHODS, default="entropy", help="range method (default: entropy)")
     ranges.add_argument("--percentile", type=float, help="percentile for --method percentile, e.g. 99.99")
@@ -61,9 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import onnx
 
+    from builder.cli.run import calib_settings
     from builder.cli.steps import (
         STATE_FILE,
-        CalibSettings,
         collect_statistics,
         tensor_labels,
         write_outliers,
@@ -80,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
     spec = RangeSpec(method=RangeMethod(args.method), percentile=args.percentile,
                      granularity=Granularity(args.granularity), num_groups=args.groups)
     header = tensorrt_header(args.trt_version)
-    settings = CalibSettings(data=args.data, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-                             max_length=args.max_length, tokenizer=args.tokenizer, bins=args.bins)
+    settings = replace(calib_settings(args), bins=args.bins)
     model: onnx.ModelProto = load_model(args.model)
     name = args.model.stem
     output: Path = args.output or Path("engines") / name
@@ -93,11 +90,12 @@ def run(args: argparse.Namespace) -> int:
     collection = collect_statistics(args.model, tensors, settings, output, fresh=args.fresh,
                                     progress=not args.no_progress)
     collected_s = time.perf_counter() - started
-    data_source = f"{args.data}:{collection.samples}"
+    data_source = f"{args.calib_data}:{collection.samples}"
     write_ranges(range_table(collection, spec, model_name=name, data_source=data_source), output, header)
     if collection.resumed_batches:
         print(f"reused {collection.resumed_batches} of {collection.batches} batches from {output / STATE_FILE}")
-    print(f"calibrated {len(tensors)} tensors on {collection.samples} texts ({args.data}) in {collected_s:.1f} s: "
+    print(f"calibrated {len(tensors)} tensors on {collection.samples} texts ({args.calib_data}) "
+          f"in {collected_s:.1f} s: "
           f"method {spec.method.value}{'' if spec.percentile is None else f' {spec.percentile:g}'}, "
           f"granularity {spec.granularity.value}")
     print(f"wrote {output / 'ranges.json'}, {output / 'calibration.cache'}, {output / STATE_FILE}")

@@ -68,6 +68,7 @@ class RangeSource:
     def check(self, needs: Sequence[tuple[str, Settings]]) -> None:
         """Raise one CalibrationError naming every tensor whose required range the tables lack."""
         missing = []
+        wanted: set[str] = set()
         for tensor, settings in needs:
             if settings.range == RangeChoice.FIXED and settings.scheme == Scheme.TENSOR:
                 continue
@@ -75,9 +76,18 @@ class RangeSource:
                 have = sorted({e.method.value for e in self._entries(tensor)})
                 missing.append(f"{tensor} (needs {_requirement(settings)}; "
                                f"{'has ' + ', '.join(have) if have else 'not in any table'})")
+                if have:
+                    wanted.add(_requirement(settings))
         if missing:
+            hint = ""
+            methods = sorted(w for w in wanted if w in {m.value for m in RangeMethod} or w.startswith("percentile:"))
+            if methods:
+                flags = ", ".join(f"--method {m}" if ":" not in m else f"--method percentile --percentile {m[11:]}"
+                                  for m in methods)
+                hint = (f". Calibrate again with {flags} and pass every table with --ranges (or run the pipeline, "
+                        "which decides every range a recipe needs from one pass)")
             raise CalibrationError(f"the range table lacks {len(missing)} range(s) the recipe asks for: "
-                                   + "; ".join(missing))
+                                   + "; ".join(missing) + hint)
 
     def amax(self, tensor: str, settings: Settings) -> tuple[float, str]:
         """The symmetric per-tensor range and a method label."""

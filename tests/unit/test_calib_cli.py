@@ -27,7 +27,7 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def test_calibrate_writes_ranges_cache_state_and_report(toy: tuple[Path, Path], tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     model, texts = toy
-    args = ["calibrate", str(model), "--data", str(texts), "--samples", "24", "--batch-size", "8",
+    args = ["calibrate", str(model), "--calib-data", str(texts), "--samples", "24", "--batch-size", "8",
             "--method", "percentile", "--percentile", "99.9", "--report", "--no-progress", "-o", str(tmp_path)]
     assert main(args) == 0
     table = RangeTable.from_json((tmp_path / "ranges.json").read_text())
@@ -48,7 +48,7 @@ def test_calibrate_writes_ranges_cache_state_and_report(toy: tuple[Path, Path], 
 def test_bad_flags_exit_with_a_clear_message(toy: tuple[Path, Path], tmp_path: Path, extra: list[str], message: str,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     model, texts = toy
-    args = ["calibrate", str(model), "--data", str(texts), "--samples", "8", "--no-progress", "-o", str(tmp_path),
+    args = ["calibrate", str(model), "--calib-data", str(texts), "--samples", "8", "--no-progress", "-o", str(tmp_path),
             *extra]
     assert main(args) in (2, 3)
     assert message in capsys.readouterr().err
