@@ -10,8 +10,10 @@ FLOAT attributes, flags as INT attributes.
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -80,6 +82,22 @@ def check_known_keys(what: str, keys: Iterable[str], known: Iterable[str]) -> No
                 f"{what}: unknown attribute {key!r}; known: {', '.join(sorted(known_list))}"
                 + suggest(key, known_list)
             )
+
+
+def check_plugin_version(op_type: str, attrs: Mapping[str, Any]) -> None:
+    """Raise GraphError unless the node's ``plugin_version`` (default: ours) is :data:`PLUGIN_VERSION`."""
+    version = str(attrs.get("plugin_version", PLUGIN_VERSION))
+    if version != PLUGIN_VERSION:
+        raise GraphError(f"{op_type} plugin_version {version!r} is not supported; use {PLUGIN_VERSION!r}")
+
+
+def attributes_from_json(op_type: str, text: str, fields: Iterable[str]) -> dict[str, Any]:
+    """The attribute object of a plugin's JSON form, checked to be an object with only ``fields`` as keys."""
+    data = json.loads(text)
+    if not isinstance(data, dict):
+        raise GraphError(f"{op_type} attributes JSON must be an object, got {type(data).__name__}")
+    check_known_keys(f"{op_type} JSON", data.keys(), fields)
+    return data
 
 
 _ONNX_TYPE_NAMES: dict[str, int] = {

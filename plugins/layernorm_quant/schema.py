@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from calib.errors import GraphError
@@ -21,8 +21,10 @@ from plugins.common import (
     DOMAIN,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
+    attributes_from_json,
     check_flag,
     check_known_keys,
+    check_plugin_version,
     check_positive_finite,
 )
 
@@ -86,9 +88,7 @@ class LayerNormQuantizeAttrs:
     def from_onnx_attributes(cls, attrs: Mapping[str, Any]) -> LayerNormQuantizeAttrs:
         """Read and validate a node's attributes (unknown names and a foreign plugin version are errors)."""
         check_known_keys(OP_TYPE, attrs.keys(), ATTRIBUTE_KINDS)
-        version = str(attrs.get("plugin_version", PLUGIN_VERSION))
-        if version != PLUGIN_VERSION:
-            raise GraphError(f"{OP_TYPE} plugin_version {version!r} is not supported; use {PLUGIN_VERSION!r}")
+        check_plugin_version(OP_TYPE, attrs)
         if "epsilon" not in attrs:
             raise GraphError(f"{OP_TYPE} needs the FLOAT attribute 'epsilon'")
         return cls(
@@ -104,11 +104,7 @@ class LayerNormQuantizeAttrs:
 
     @classmethod
     def from_json(cls, text: str) -> LayerNormQuantizeAttrs:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise GraphError(f"{OP_TYPE} attributes JSON must be an object, got {type(data).__name__}")
-        check_known_keys(f"{OP_TYPE} JSON", data.keys(), [f.name for f in cls.__dataclass_fields__.values()])
-        return cls(**data)
+        return cls(**attributes_from_json(OP_TYPE, text, [f.name for f in fields(cls)]))
 
 
 __all__ = ["ATTRIBUTE_KINDS", "DOMAIN", "OP_TYPE", "LayerNormQuantizeAttrs"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from calib.errors import GraphError
@@ -20,8 +20,10 @@ from plugins.common import (
     INT8_MAX,
     PLUGIN_NAMESPACE,
     PLUGIN_VERSION,
+    attributes_from_json,
     check_flag,
     check_known_keys,
+    check_plugin_version,
     check_positive_finite,
 )
 
@@ -67,9 +69,7 @@ class SoftmaxQuantizeAttrs:
     @classmethod
     def from_onnx_attributes(cls, attrs: Mapping[str, Any]) -> SoftmaxQuantizeAttrs:
         check_known_keys(OP_TYPE, attrs.keys(), ATTRIBUTE_KINDS)
-        version = str(attrs.get("plugin_version", PLUGIN_VERSION))
-        if version != PLUGIN_VERSION:
-            raise GraphError(f"{OP_TYPE} plugin_version {version!r} is not supported; use {PLUGIN_VERSION!r}")
+        check_plugin_version(OP_TYPE, attrs)
         return cls(
             scale=float(attrs.get("scale", DEFAULT_SCALE)),
             has_mask=check_flag(f"{OP_TYPE} has_mask", int(attrs.get("has_mask", 0))),
@@ -80,11 +80,7 @@ class SoftmaxQuantizeAttrs:
 
     @classmethod
     def from_json(cls, text: str) -> SoftmaxQuantizeAttrs:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise GraphError(f"{OP_TYPE} attributes JSON must be an object, got {type(data).__name__}")
-        check_known_keys(f"{OP_TYPE} JSON", data.keys(), [f.name for f in cls.__dataclass_fields__.values()])
-        return cls(**data)
+        return cls(**attributes_from_json(OP_TYPE, text, [f.name for f in fields(cls)]))
 
 
 def check_mask_shape(x_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> None:
