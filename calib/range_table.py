@@ -7,12 +7,12 @@ per-embedding-group (PEG) rewrite and the outlier report.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from calib.artifact_io import canonical_json, versioned_object
 from calib.errors import CalibrationError, ConfigError, suggest
 
 RANGE_TABLE_VERSION = 1
@@ -141,15 +141,11 @@ class RangeTable:
             "data_source": self.data_source,
             "ranges": {name: self.ranges[name].to_dict() for name in sorted(self.ranges)},
         }
-        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        return canonical_json(data)
 
     @classmethod
     def from_json(cls, text: str) -> RangeTable:
-        data = json.loads(text)
-        if data.get("version") != RANGE_TABLE_VERSION:
-            raise ConfigError(
-                f"RangeTable version {data.get('version')!r} not supported; expected {RANGE_TABLE_VERSION}"
-            )
+        data = versioned_object(text, "RangeTable", RANGE_TABLE_VERSION)
         return cls(
             model_name=str(data["model_name"]),
             model_sha256=str(data["model_sha256"]),

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from calib.artifact_io import versioned_object
 from calib.errors import ConfigError, suggest
 
 BUILD_OPTIONS_VERSION = 1
@@ -222,8 +223,7 @@ class BuildOptions:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BuildOptions:
-        if data.get("version") != BUILD_OPTIONS_VERSION:
-            raise ConfigError(f"build options version {data.get('version')!r} not supported")
+        data = versioned_object(data, "build options", BUILD_OPTIONS_VERSION)
         return cls(
             backend=BackendName.parse(str(data["backend"])),
             profiles=tuple(ShapeProfile.from_dict(p) for p in data["profiles"]),

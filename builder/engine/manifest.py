@@ -7,7 +7,6 @@ time) and ``input_hash``, the key a re-run compares to reuse an unchanged engine
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 
 from builder.backends.base import TensorSpec
 from builder.backends.options import BuildOptions
-from calib.artifact_io import canonical_json
+from calib.artifact_io import canonical_json, versioned_object
 from calib.errors import ConfigError
 
 MANIFEST_VERSION = 1
@@ -100,13 +99,7 @@ class EngineManifest:
 
     @classmethod
     def from_json(cls, text: str) -> EngineManifest:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"manifest is not valid JSON: {exc}") from None
-        if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
-            version = data.get("version") if isinstance(data, dict) else None
-            raise ConfigError(f"manifest version {version!r} not supported; expected {MANIFEST_VERSION}")
+        data = versioned_object(text, "manifest", MANIFEST_VERSION)
         try:
             return cls(
                 name=str(data["name"]),

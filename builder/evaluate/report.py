@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from calib.artifact_io import versioned_object
 from calib.errors import ConfigError
 
 ACCURACY_REPORT_VERSION = 1
@@ -125,10 +126,7 @@ class AccuracyReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AccuracyReport:
-        if data.get("version") != ACCURACY_REPORT_VERSION:
-            raise ConfigError(
-                f"AccuracyReport version {data.get('version')!r} not supported; expected {ACCURACY_REPORT_VERSION}"
-            )
+        data = versioned_object(data, "AccuracyReport", ACCURACY_REPORT_VERSION)
         return cls(
             model_name=str(data["model_name"]),
             num_train=int(data["num_train"]),

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from calib.errors import ConfigError
+from calib.artifact_io import versioned_object
 
 REPORT_VERSION = 1
 
@@ -114,9 +114,7 @@ class GraphReport:
 
     @classmethod
     def from_json(cls, text: str) -> GraphReport:
-        data = json.loads(text)
-        if data.get("version") != REPORT_VERSION:
-            raise ConfigError(f"GraphReport version {data.get('version')!r} not supported; expected {REPORT_VERSION}")
+        data = versioned_object(text, "GraphReport", REPORT_VERSION)
         return cls(
             model_name=str(data["model_name"]),
             architecture=str(data["architecture"]),

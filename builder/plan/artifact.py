@@ -5,11 +5,11 @@ Lowering inserts exactly what the plan records and nothing else ("decide, then i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from builder.recipes.model import Precision, Scheme
+from calib.artifact_io import canonical_json, versioned_object
 from calib.errors import ConfigError
 
 PLAN_VERSION = 1
@@ -191,13 +191,11 @@ class QuantPlan:
             "weights": [w.to_dict() for w in self.weights],
             "nodes": [n.to_dict() for n in self.nodes],
         }
-        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        return canonical_json(data)
 
     @classmethod
     def from_json(cls, text: str) -> QuantPlan:
-        data = json.loads(text)
-        if data.get("version") != PLAN_VERSION:
-            raise ConfigError(f"QuantPlan version {data.get('version')!r} not supported; expected {PLAN_VERSION}")
+        data = versioned_object(text, "QuantPlan", PLAN_VERSION)
         return cls(model_name=str(data["model_name"]), recipe_name=str(data["recipe_name"]),
                    recipe_sha256=str(data["recipe_sha256"]), ranges_sha256=str(data["ranges_sha256"]),
                    model_dtype=Precision(data["model_dtype"]),

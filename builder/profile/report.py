@@ -8,7 +8,6 @@ is inferences per second of host wall time over the timed loop.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from calib.artifact_io import canonical_json, versioned_object
 from calib.errors import ConfigError, InternalError
 
 LATENCY_REPORT_VERSION = 1
@@ -171,13 +171,11 @@ class LatencyReport:
             "skipped": list(self.skipped),
             "results": [r.to_dict() for r in self.results],
         }
-        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        return canonical_json(data)
 
     @classmethod
     def from_json(cls, text: str) -> LatencyReport:
-        data = json.loads(text)
-        if data.get("version") != LATENCY_REPORT_VERSION:
-            raise ConfigError(f"latency report version {data.get('version')!r} not supported")
+        data = versioned_object(text, "latency report", LATENCY_REPORT_VERSION)
         return cls(
             results=tuple(LatencyResult.from_dict(r) for r in data["results"]),
             skipped=tuple(data.get("skipped", ())),
