@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -16,8 +16,14 @@ batches = arrays(np.float32, st.integers(1, 300), elements=finite)
 
 
 def _reference_counts(values: np.ndarray, width: float, n: int) -> np.ndarray:
-    """Bin j holds w*j <= |x| < w*(j+1) (float32 scaling as the implementation's grid), top edge in the last bin."""
-    index = np.floor(np.abs(values).astype(np.float32) * np.float32(1.0 / width)).astype(np.int64)
+    """Bin j holds w*j <= |x| < w*(j+1) (float32 scaling as the implementation's grid; float64 where 1/w would
+    overflow float32, as for a batch of denormals), top edge in the last bin."""
+    inverse = 1.0 / width
+    if inverse < 1e30:
+        scaled = np.abs(values).astype(np.float32) * np.float32(inverse)
+    else:
+        scaled = np.abs(values).astype(np.float64) * inverse
+    index = np.floor(scaled).astype(np.int64)
     return np.bincount(np.minimum(index, n - 1), minlength=n)
 
 
@@ -62,6 +68,7 @@ def test_merge_equals_one_pass(a: np.ndarray, b: np.ndarray) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(values=batches)
+@example(values=np.array([1.11e-41], dtype=np.float32))  # a lone denormal: 1/width overflows float32
 def test_binning_matches_reference(values: np.ndarray) -> None:
     hist = AbsHistogram(num_bins=512)
     hist.update(np.abs(values))
