@@ -29,6 +29,7 @@ import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
+from builder.lower.graph_edit import GraphEditor
 from calib.errors import BuildError, CalibrationError
 
 logger = logging.getLogger(__name__)
@@ -61,23 +62,6 @@ def _int8_weight_gemm(node: onnx.NodeProto, producers: Mapping[str, onnx.NodePro
     return weight is not None and weight.data_type == onnx.TensorProto.INT8
 
 
-def _bias_of(node: onnx.NodeProto, consumers: Mapping[str, list[onnx.NodeProto]],
-             inits: Mapping[str, onnx.TensorProto], outputs: set[str]) -> tuple[onnx.NodeProto, str] | None:
-    """The single Add reading the GEMM output and its constant float32 1-D bias initializer, if any."""
-    out = node.output[0]
-    readers = consumers.get(out, [])
-    if out in outputs or len(readers) != 1 or readers[0].op_type != "Add":
-        return None
-    add = readers[0]
-    other = [t for t in add.input if t != out]
-    if len(other) != 1 or other[0] not in inits:
-        return None
-    bias = inits[other[0]]
-    if bias.data_type != onnx.TensorProto.FLOAT or len(bias.dims) != 1:
-        return None
-    return add, other[0]
-
-
 def find_targets(model: onnx.ModelProto, nodes: Collection[str] | None = None) -> list[BiasTarget]:
     """The INT8 weight GEMMs of the lowered ``model`` with a bias Add (only those in ``nodes`` when given),
     in graph order with their correction stage."""
@@ -88,14 +72,14 @@ def find_targets(model: onnx.ModelProto, nodes: Collection[str] | None = None) -
     for n in graph.node:
         for t in dict.fromkeys(n.input):
             consumers.setdefault(t, []).append(n)
-    outputs = {o.name for o in graph.output}
+    editor = GraphEditor(model)  # read only: finds each GEMM's bias Add
     level: dict[str, int] = {}  # tensor -> corrected GEMMs on the longest path that produced it
     targets = []
     for n in graph.node:  # ONNX graphs are topologically sorted (the checker enforces it)
         depth = max((level.get(t, 0) for t in n.input), default=0)
         found = None
         if (nodes is None or n.name in nodes) and _int8_weight_gemm(n, producers, inits):
-            found = _bias_of(n, consumers, inits, outputs)
+            found = editor.bias_add(n)
             if found is None and nodes is not None:
                 logger.info("bias correction: GEMM %s has no constant bias Add; left as is", n.name)
         if found is not None:

@@ -44,20 +44,6 @@ def _gemm_weight(ed: GraphEditor, node: onnx.NodeProto) -> tuple[np.ndarray, boo
     return weight.astype(np.float64), trans_b
 
 
-def _bias_add(ed: GraphEditor, node: onnx.NodeProto, channels: int) -> tuple[onnx.NodeProto, int] | None:
-    """The ``Add`` reading the GEMM output and a constant bias of ``channels`` values (node, input index)."""
-    readers = ed.consumers(node.output[0])
-    if len(readers) != 1 or readers[0].op_type != "Add" or ed.is_graph_output(node.output[0]):
-        return None
-    add = readers[0]
-    for index, name in enumerate(add.input):
-        if name != node.output[0]:
-            value = ed.constant_value(name)
-            if value is not None and value.size == channels and value.shape[-1:] == (channels,):
-                return add, index
-    return None
-
-
 def _shift_bias(ed: GraphEditor, node: onnx.NodeProto, shift: np.ndarray) -> None:
     """Add ``shift`` (float64, per output channel) to the GEMM's bias, adding a bias where there is none."""
     if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]:
@@ -67,14 +53,15 @@ def _shift_bias(ed: GraphEditor, node: onnx.NodeProto, shift: np.ndarray) -> Non
         new = (bias.astype(np.float64) + shift).astype(bias.dtype)
         node.input[2] = ed.add_initializer(f"{node.input[2]}_centered", new)
         return
-    found = _bias_add(ed, node, shift.size)
+    found = ed.bias_add(node)
     if found is not None:
-        add, index = found
-        bias = ed.constant_value(add.input[index])
-        assert bias is not None
-        new = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
-        add.input[index] = ed.add_initializer(f"{add.input[index]}_centered", new)
-        return
+        add, name = found
+        bias = ed.initializer(name)
+        assert bias is not None  # bias_add only returns initializers
+        if bias.size == shift.size:
+            new = (bias.astype(np.float64) + shift).astype(bias.dtype)
+            GraphEditor.replace_input(add, name, ed.add_initializer(f"{name}_centered", new))
+            return
     out = node.output[0]
     raw = ed.unique(f"{out}_uncentered")
     node.output[0] = raw

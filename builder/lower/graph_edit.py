@@ -89,6 +89,20 @@ class GraphEditor:
     def is_graph_output(self, tensor: str) -> bool:
         return any(o.name == tensor for o in self.graph.output)
 
+    def bias_add(self, node: onnx.NodeProto) -> tuple[onnx.NodeProto, str] | None:
+        """The single ``Add`` reading ``node``'s output and its 1-D float32 bias initializer, if there is one
+        (``MatMul -> Add(bias)``; None when the output has other readers or is a graph output)."""
+        out = node.output[0]
+        readers = self.consumers(out)
+        if len(readers) != 1 or readers[0].op_type != "Add" or self.is_graph_output(out):
+            return None
+        add = readers[0]
+        other = [t for t in add.input if t != out]
+        bias = self._inits.get(other[0]) if len(other) == 1 else None
+        if bias is None or bias.data_type != TensorProto.FLOAT or len(bias.dims) != 1:
+            return None
+        return add, other[0]
+
     def add_node(self, op_type: str, inputs: Iterable[str], outputs: Iterable[str], name: str,
                  domain: str = "", **attrs: object) -> onnx.NodeProto:
         node = helper.make_node(op_type, list(inputs), list(outputs), name=self.unique(name), domain=domain)
