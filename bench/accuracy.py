@@ -83,11 +83,10 @@ def flagged_layers(setup: Setup, collection: Any) -> tuple[tuple[int, ...], list
         for t in a.outputs:
             labels.setdefault(t, (a.layer, a.role.value))
     report = outlier_report(collection.stats, labels)
-    rows = report.rows
     evidence = [
         {"layer": r.layer, "role": r.role, "amax": r.amax, "range_share": r.range_share,
          "outlier_dims": list(r.outlier_dims[:4]), "max_over_p9999": r.max_over_p9999}
-        for r in rows if r.role in MP_ROLES and r.layer is not None
+        for r in report.rows if r.role in MP_ROLES and r.layer is not None
     ]
     return planner_flagged(report) or (), evidence
 

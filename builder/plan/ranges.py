@@ -80,12 +80,12 @@ class RangeSource:
                     wanted.add(_requirement(settings))
         if missing:
             hint = ""
-            methods = sorted(w for w in wanted if w in {m.value for m in RangeMethod} or w.startswith("percentile:"))
-            if methods:
-                flags = ", ".join(f"--method {m}" if ":" not in m else f"--method percentile --percentile {m[11:]}"
-                                  for m in methods)
-                hint = (f". Calibrate again with {flags} and pass every table with --ranges (or run the pipeline, "
-                        "which decides every range a recipe needs from one pass)")
+            methods = {m.value for m in RangeMethod}
+            flags = [f"--method {method}" + (f" --percentile {value}" if value else "")
+                     for method, _, value in (w.partition(":") for w in sorted(wanted)) if method in methods]
+            if flags:
+                hint = (f". Calibrate again with {', '.join(flags)} and pass every table with --ranges (or run the "
+                        "pipeline, which decides every range a recipe needs from one pass)")
             raise CalibrationError(f"the range table lacks {len(missing)} range(s) the recipe asks for: "
                                    + "; ".join(missing) + hint)
 

@@ -14,12 +14,15 @@ from onnx import numpy_helper
 
 from builder.graph.analyze import analyze
 from builder.graph.report import GraphReport, Role
+from builder.graph.targets import calibration_tensors
 from builder.lower.pipeline import lower
 from builder.plan.planner import plan
 from builder.plan.ranges import centered_range
 from builder.recipes.loader import load_preset, recipe_from_yaml
 from builder.recipes.model import Scheme, Settings
+from calib.calibrate import calibrate
 from calib.errors import ConfigError
+from calib.range_table import RangeMethod
 from tests.toygraphs import bert_block_model, gpt_block_model, mlp_model
 from tests.unit.test_lower import fake_quant, real_feeds, run_ort
 from tests.unit.test_plan import toy_ranges
@@ -104,10 +107,8 @@ def test_gemm_without_bias_gets_one() -> None:
         model.graph.node.remove(add)
     report = analyze(model, name="toy_mlp")
     x = np.stack([np.linspace(-1.0, 3.0, 16, dtype=np.float32) * (1 + 0.1 * i) for i in range(4)])
-    from builder.lower.pipeline import lower as lower_
-
-    table = _mlp_table(model, report, x)
-    q = lower_(model, plan(report, recipe_from_yaml(CENTERED), table))
+    table = calibrate(model, [{"x": x}], calibration_tensors(model, report), RangeMethod.MAX)
+    q = lower(model, plan(report, recipe_from_yaml(CENTERED), table))
     added = [n for n in q.model.graph.node if n.name.endswith("_CenterBias")]
     assert len(added) == 2
     w = _weight_dq(q.model, next(n for n in q.model.graph.node if n.op_type == "MatMul"))
@@ -117,14 +118,6 @@ def test_gemm_without_bias_gets_one() -> None:
     c = np.float32(act.offset)
     expected = (fake_quant(x - c, np.float32(act.amax / 127)).astype(np.float64) + float(c)) @ w
     np.testing.assert_allclose(got, expected, atol=1e-5 * (1 + np.max(np.abs(expected))), rtol=0)
-
-
-def _mlp_table(model: onnx.ModelProto, report: GraphReport, x: np.ndarray):  # type: ignore[no-untyped-def]
-    from builder.graph.targets import calibration_tensors
-    from calib.calibrate import calibrate
-    from calib.range_table import RangeMethod
-
-    return calibrate(model, [{"x": x}], calibration_tensors(model, report), RangeMethod.MAX)
 
 
 def test_center_is_refused_where_nothing_can_absorb_the_offset() -> None:
