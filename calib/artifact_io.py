@@ -10,35 +10,13 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from calib.errors import ConfigError
 
 
 def canonical_json(data: Any) -> str:
     """Serialize ``data`` deterministically (sorted keys, two-space indent, trailing newline)."""
     return json.dumps(data, sort_keys=True, indent=2, allow_nan=False) + "\n"
-
-
-def versioned_object(source: str | Mapping[str, Any], kind: str, version: int) -> dict[str, Any]:
-    """The JSON object of an artifact (text or already parsed), checked to be an object of ``version``.
-
-    Raises ConfigError naming ``kind``, the version found and the one expected (bad JSON included).
-    """
-    if isinstance(source, str):
-        try:
-            data = json.loads(source)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{kind} is not valid JSON: {exc}") from None
-    else:
-        data = source
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{kind} JSON must be an object, got {type(data).__name__}")
-    if data.get("version") != version:
-        raise ConfigError(f"{kind} version {data.get('version')!r} not supported; expected {version}")
-    return dict(data)
 
 
 def sha256_text(text: str) -> str:

@@ -1,4 +1,5 @@
-"""Calibration stage: TensorRT calibration cache text format, read and written (PLATFORM.md section 6.1).
+"""Calibration stage: TensorRT calibration cache text format, read and written (the format TensorRT's
+IInt8Calibrator.read_calibration_cache takes).
 
     TRT-100300-EntropyCalibration2          header: TRT-<version>-<algorithm>
     input_ids: 3c010204                     <tensor name>: <big-endian IEEE-754 float32 scale = amax / 127>

@@ -3,15 +3,18 @@
 One ONNX Runtime session runs a copy of the model whose graph outputs include every requested tensor.
 Batches stream through: each batch's activations are folded into the observers and dropped, so memory is
 bounded by one batch. Padding is excluded using the attention mask and token axes found by a probe run
-(calib.layout). Observer states are checkpointed every few batches (atomic write); a run given the same
-checkpoint resumes after the last saved batch, after checking that the model, the tensors, the options and
-the data consumed so far are the same.
+(calib.layout). The Statistics (calib.statistics) are checkpointed every few batches (atomic write); a run
+given the same checkpoint resumes after the last saved batch, after checking that the model, the tensors,
+the options and the data consumed so far are the same. A shard of a larger data set passes the global
+index of its first batch (``batch_offset``), so that shards collected anywhere merge into exactly the
+Statistics of one pass.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,11 +27,19 @@ import numpy.typing as npt
 import onnx
 
 from calib.artifact_io import sha256_file
-from calib.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from calib.errors import CalibrationError, ConfigError, suggest
-from calib.histogram import DEFAULT_NUM_BINS
+from calib.fold import Folder
+from calib.histogram import DEFAULT_BINS, AbsHistogram
 from calib.layout import TensorLayout, infer_layout, valid_rows
-from calib.tensor_stats import TensorStats
+from calib.statistics import (
+    DEFAULT_KINDS,
+    BatchRange,
+    Statistics,
+    StatisticsMeta,
+    TensorStatistics,
+    batch_digest,
+    combine_digests,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,40 +58,47 @@ _FLOAT_TYPES = {"tensor(float)", "tensor(float16)", "tensor(double)", "tensor(bf
 class CollectOptions:
     """How the collector observes tensors."""
 
-    num_bins: int = DEFAULT_NUM_BINS  # initial histogram bins (TensorRT: 2048)
-    per_token: bool = True  # per-token-id statistics for [batch, seq, dim] tensors
+    bins: int = DEFAULT_BINS  # declared histogram grid: at most this many bins over the range (a power of two)
+    kinds: tuple[str, ...] = DEFAULT_KINDS  # observer kinds per tensor (dims/tokens only where they apply)
+    extra_kinds: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # tensor -> more kinds (hessian)
     allow_mask_values: bool = True  # exclude -inf / <= -1e30 attention-mask sentinels instead of failing
     mask_input: str = "attention_mask"
     ids_input: str = "input_ids"
-    checkpoint: Path | None = None  # observer-state checkpoint for resuming an interrupted run
+    checkpoint: Path | None = None  # the Statistics file: resumed when unfinished, reused when complete
     checkpoint_every: int = 4  # batches between checkpoint writes
+    batch_offset: int = 0  # global index of the first batch (a shard of a larger data set)
     threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
-    data_source: str = "feeds"  # recorded in the RangeTable (e.g. "vader:movie")
+    fold_threads: int = 0  # threads folding batches into the observers (0: one per core, at most 2)
+    data_source: str = "feeds"  # recorded in the Statistics (e.g. "vader:512")
     progress: Progress | None = field(default=None, compare=False)  # called with (batches, samples) per batch
 
     def __post_init__(self) -> None:
-        if self.num_bins < 128:
-            raise ConfigError(f"num_bins {self.num_bins} must be at least 128 (entropy needs 128 levels)")
+        AbsHistogram(bins=self.bins)  # validates the declared grid
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every {self.checkpoint_every} must be at least 1")
+        if self.batch_offset < 0:
+            raise ConfigError(f"batch_offset {self.batch_offset} must be >= 0")
+        if self.fold_threads < 0 or self.threads < 0:
+            raise ConfigError(f"threads {self.threads} and fold_threads {self.fold_threads} must be >= 0 "
+                              "(0: automatic)")
+
+    @property
+    def fold_thread_count(self) -> int:
+        """The number of fold threads this run uses."""
+        return self.fold_threads or max(1, min(2, os.cpu_count() or 1))
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"num_bins": self.num_bins, "per_token": self.per_token, "allow_mask_values": self.allow_mask_values,
+        """The options that change observer states (statistics merge only when these agree)."""
+        return {"bins": self.bins, "allow_mask_values": self.allow_mask_values,
                 "mask_input": self.mask_input, "ids_input": self.ids_input}
 
 
-@dataclass
-class Collection:
-    """The result of a collection pass: observer states per tensor, ready for any range method."""
+@dataclass(frozen=True, kw_only=True)
+class CollectResult:
+    """A finished collection pass: the Statistics and how many of its batches came from a checkpoint."""
 
-    model_sha256: str
-    tensors: tuple[str, ...]
-    stats: dict[str, TensorStats]
-    layouts: dict[str, TensorLayout] = field(default_factory=dict)
-    batches: int = 0
-    samples: int = 0
-    resumed_batches: int = 0  # batches restored from a checkpoint instead of being run
-    data_sha256: str = ""
+    statistics: Statistics
+    resumed_batches: int = 0
 
 
 def _load_model(model: onnx.ModelProto | Path) -> tuple[onnx.ModelProto, bytes, str]:
@@ -168,25 +186,31 @@ def validate_feed(session: Any, feed: Feed, batch: int) -> None:
         )
 
 
-def _batch_digest(previous: str, feed: Feed) -> str:
-    digest = hashlib.sha256(previous.encode())
-    for name in sorted(feed):
-        arr = np.ascontiguousarray(feed[name])
-        digest.update(f"{name}|{arr.dtype.str}|{arr.shape}".encode())
-        digest.update(arr.tobytes())
-    return digest.hexdigest()
+def _extended(value: npt.NDArray[Any], batch: int, seq: int) -> npt.NDArray[Any]:
+    """``value`` one step longer along its sequence axis ([B, S, ...] axis 1, or [S, ...] axis 0 such as rotary
+    tables); the last slice is repeated (only the shapes of the probe's outputs are read)."""
+    shape = np.shape(value)
+    if len(shape) >= 2 and shape[0] == batch and shape[1] == seq:
+        return np.concatenate([value, np.take(value, [-1], axis=1)], axis=1)
+    if len(shape) >= 1 and shape[0] == seq and (len(shape) == 1 or shape[0] != batch):
+        return np.concatenate([value, np.take(value, [-1], axis=0)], axis=0)
+    return value
 
 
 def _probe_layouts(session: Any, feed: Feed, names: list[str], first: list[npt.NDArray[Any]],
                    options: CollectOptions) -> dict[str, TensorLayout]:
-    """Token axes of every tensor from a second run with one extra padding column."""
+    """Token axes of every tensor from a second run one token longer (every sequence-shaped input extended)."""
     mask = feed.get(options.mask_input)
+    ids = feed.get(options.ids_input)
+    lead = mask if mask is not None and np.ndim(mask) == 2 else ids
+    if lead is None or np.ndim(lead) != 2:
+        logger.warning("no 2-D %r or %r input: token axes unknown, padding is not excluded from statistics",
+                       options.ids_input, options.mask_input)
+        return {n: TensorLayout() for n in names}
     if mask is None or np.ndim(mask) != 2:
         logger.warning("no 2-D %r input: padding cannot be excluded from statistics", options.mask_input)
-        return {n: TensorLayout() for n in names}
-    batch, seq = mask.shape
-    probe = {k: (np.concatenate([v, np.zeros((batch, 1), dtype=v.dtype)], axis=1) if np.shape(v) == mask.shape
-                 else v) for k, v in feed.items()}
+    batch, seq = np.shape(lead)
+    probe = {k: _extended(np.asarray(v), batch, seq) for k, v in feed.items()}
     try:
         longer = session.run(names, dict(probe))
     except Exception as exc:  # a model with a fixed sequence length cannot be probed
@@ -196,30 +220,49 @@ def _probe_layouts(session: Any, feed: Feed, names: list[str], first: list[npt.N
                                                                                             strict=True)}
 
 
+def _probe_small(session: Any, feed: Feed, names: list[str], options: CollectOptions) -> dict[str, TensorLayout] | None:
+    """The layout probe on the first two rows of the batch (two short runs instead of a whole batch one token
+    longer: the first batch is the longest); None when the batch is that small already or the model refuses."""
+    lead = feed.get(options.mask_input, feed.get(options.ids_input))
+    if lead is None or np.ndim(lead) != 2 or np.shape(lead)[0] <= 2:
+        return None
+    batch = np.shape(lead)[0]
+    small = {k: np.asarray(v)[:2] if np.ndim(v) >= 2 and np.shape(v)[0] == batch else v for k, v in feed.items()}
+    try:
+        first = session.run(names, dict(small))
+    except Exception:  # a fixed batch size: probe the whole batch
+        return None
+    return _probe_layouts(session, small, names, first, options)
+
+
 def _new_stats(names: Sequence[str], layouts: Mapping[str, TensorLayout], has_ids: bool,
-               options: CollectOptions) -> dict[str, TensorStats]:
+               options: CollectOptions) -> dict[str, TensorStatistics]:
     stats = {}
     for name in names:
         layout = layouts[name]
-        per_token = options.per_token and has_ids and layout.has_dims and len(layout.token_axes) == 1
-        stats[name] = TensorStats.create(name, num_bins=options.num_bins, per_dim=layout.has_dims,
-                                         per_token=per_token, allow_mask_values=options.allow_mask_values)
+        kinds = [k for k in (*options.kinds, *options.extra_kinds.get(name, ()))
+                 if not (k == "dims" and not layout.has_dims)
+                 and not (k == "tokens" and not (has_ids and layout.has_dims and len(layout.token_axes) == 1))]
+        stats[name] = TensorStatistics.create(name, kinds, bins=options.bins,
+                                              allow_mask_values=options.allow_mask_values)
     return stats
 
 
-def _resume(options: CollectOptions, model_sha: str, names: tuple[str, ...]
-            ) -> tuple[CheckpointMeta, dict[str, TensorStats]] | None:
+def _resume(options: CollectOptions, model_sha: str, names: tuple[str, ...]) -> Statistics | None:
     path = options.checkpoint
     if path is None or not path.is_file():
         return None
-    meta, stats = load_checkpoint(path)
+    restored = Statistics.load(path)
+    meta = restored.meta
+    expected = (BatchRange(start=options.batch_offset, stop=options.batch_offset + meta.num_batches),)
     mismatch = [what for what, ok in (("model", meta.model_sha256 == model_sha), ("tensors", meta.tensors == names),
-                                      ("options", dict(meta.options) == options.fingerprint())) if not ok]
+                                      ("options", meta.options == options.fingerprint()),
+                                      ("batches", meta.batches in (expected, ()))) if not ok]
     if mismatch:
-        raise CalibrationError(f"checkpoint {path} was collected with a different {' and '.join(mismatch)}; "
-                               "delete it or choose another checkpoint path to start over")
-    logger.info("resuming from %s after %d batches (%d samples)", path, meta.batches, meta.samples)
-    return meta, stats
+        raise CalibrationError(f"calibration state {path} was collected with a different {' and '.join(mismatch)}; "
+                               "run again with --fresh to start over (or choose another output folder)")
+    logger.info("resuming from %s after %d batches (%d samples)", path, meta.num_batches, meta.samples)
+    return restored
 
 
 @dataclass
@@ -228,44 +271,51 @@ class _Run:
 
     names: tuple[str, ...]
     model_sha: str
-    stats: dict[str, TensorStats] = field(default_factory=dict)
+    options: CollectOptions
+    stats: dict[str, TensorStatistics] = field(default_factory=dict)
     layouts: dict[str, TensorLayout] = field(default_factory=dict)
     batches: int = 0
     samples: int = 0
-    digest: str = ""  # chained digest of the folded batches
+    digest: str = ""  # order-free digest of the folded batches
     resumed: int = 0
     consistent: bool = True  # False while a batch is half folded into the observers (never checkpointed)
+    folder: Folder = field(default_factory=lambda: Folder(1))
 
-    def meta(self, options: CollectOptions, complete: bool) -> CheckpointMeta:
-        return CheckpointMeta(model_sha256=self.model_sha, tensors=self.names, options=options.fingerprint(),
-                              batches=self.batches, samples=self.samples, data_sha256=self.digest,
-                              layouts=self.layouts, complete=complete)
-
-
-def _observe(run: _Run, names: list[str], outputs: list[npt.NDArray[Any]], feed: Feed,
-             options: CollectOptions) -> None:
-    mask = feed.get(options.mask_input)
-    mask_b = None if mask is None or np.ndim(mask) != 2 else np.asarray(mask).astype(bool)
-    ids = feed.get(options.ids_input)
-    for name, value in zip(names, outputs, strict=True):
-        stats = run.stats[name]
-        rows, row_ids = valid_rows(np.asarray(value, dtype=np.float32), run.layouts[name], mask_b,
-                                   None if stats.tokens is None or ids is None else np.asarray(ids))
-        stats.update(rows, row_ids, batch=run.batches)
+    def statistics(self, complete: bool) -> Statistics:
+        start = self.options.batch_offset
+        meta = StatisticsMeta(
+            model_sha256=self.model_sha, tensors=self.names,
+            kinds={name: tuple(self.stats[name].observers) for name in self.names} if self.stats else {},
+            options=self.options.fingerprint(), layouts=self.layouts,
+            batches=(BatchRange(start=start, stop=start + self.batches),) if self.batches else (),
+            samples=self.samples, data_digest=self.digest or combine_digests("", 0),
+            data_source=self.options.data_source, complete=complete)
+        return Statistics(meta=meta, tensors=self.stats)
 
 
-def _session(model: onnx.ModelProto | Path, names: tuple[str, ...], opts: CollectOptions) -> tuple[Any, str]:
-    """An ONNX Runtime session exposing ``names`` as outputs, and the model's hash."""
+def load_model_bytes(model: onnx.ModelProto | Path) -> tuple[bytes, str]:
+    """The serialized model a collector runs (external data inlined) and the SHA-256 its Statistics record.
+
+    What a distributed shard is sent: :func:`collect_serialized` on these gives the Statistics that
+    :func:`collect` gives on ``model``.
+    """
+    _, data, sha = _load_model(model)
+    return data, sha
+
+
+def _session(proto: onnx.ModelProto, model_bytes: bytes, names: tuple[str, ...], opts: CollectOptions) -> Any:
+    """An ONNX Runtime session exposing ``names`` as outputs."""
     import onnxruntime as ort
 
-    proto, model_bytes, model_sha = _load_model(model)
     instrumented = instrument(proto, model_bytes, names)
     session_options = ort.SessionOptions()
     if opts.threads:
         session_options.intra_op_num_threads = opts.threads
+    # idle intra-op threads would spin for the next operator and take the cores the fold threads need
+    session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(instrumented, session_options, providers=["CPUExecutionProvider"])
     check_float_outputs(session, names)
-    return session, model_sha
+    return session
 
 
 def _fold_batch(run: _Run, session: Any, feed: Feed, outputs: list[npt.NDArray[Any]], opts: CollectOptions) -> None:
@@ -273,10 +323,15 @@ def _fold_batch(run: _Run, session: Any, feed: Feed, outputs: list[npt.NDArray[A
     graph_inputs = {i.name for i in session.get_inputs()}
     run_names = [n for n in run.names if n not in graph_inputs]
     if not run.layouts:
-        run.layouts = _probe_layouts(session, feed, run_names, outputs, opts)
+        run.layouts = _probe_small(session, feed, run_names, opts) or _probe_layouts(session, feed, run_names,
+                                                                                   outputs, opts)
         run.layouts.update({n: TensorLayout() for n in run.names if n not in run.layouts})
         run.stats = _new_stats(run.names, run.layouts, opts.ids_input in feed, opts)
-    _observe(run, run_names, outputs, feed, opts)
+    mask = feed.get(opts.mask_input)
+    ids = feed.get(opts.ids_input)
+    run.folder.fold(run.stats, run.layouts, run_names, outputs, batch=run.batches,
+                    mask=None if mask is None or np.ndim(mask) != 2 else np.asarray(mask).astype(bool),
+                    ids=None if ids is None else np.asarray(ids))
     for name in run.names:
         if name in graph_inputs:
             rows, _ = valid_rows(np.asarray(feed[name], dtype=np.float32), run.layouts[name], None)
@@ -291,16 +346,16 @@ class _Pending:
 
     future: Future[list[npt.NDArray[Any]]]
     feed: Feed
-    digest: str  # data digest once this batch is folded
+    digest: int  # digest of this batch, added once it is folded
 
 
 def _finish(run: _Run, session: Any, pending: _Pending, opts: CollectOptions) -> None:
     _fold_batch(run, session, pending.feed, pending.future.result(), opts)
-    run.digest = pending.digest
+    run.digest = combine_digests(run.digest, pending.digest)
     if opts.progress is not None:
         opts.progress(run.batches, run.samples)
     if opts.checkpoint is not None and run.batches % opts.checkpoint_every == 0:
-        save_checkpoint(opts.checkpoint, run.meta(opts, complete=False), run.stats)
+        run.statistics(complete=False).save(opts.checkpoint)
 
 
 def _salvage(run: _Run, session: Any, pending: _Pending, opts: CollectOptions) -> None:
@@ -311,14 +366,13 @@ def _salvage(run: _Run, session: Any, pending: _Pending, opts: CollectOptions) -
         return
     run.consistent = False
     _fold_batch(run, session, pending.feed, outputs, opts)
-    run.digest = pending.digest
+    run.digest = combine_digests(run.digest, pending.digest)
     run.consistent = True
 
 
-def _stream(run: _Run, session: Any, feeds: Iterable[Feed], opts: CollectOptions,
-            restored: tuple[CheckpointMeta, dict[str, TensorStats]] | None) -> None:
+def _stream(run: _Run, session: Any, feeds: Iterable[Feed], opts: CollectOptions, restored: Statistics | None) -> None:
     """Run and fold every batch; batch k+1's inference overlaps folding batch k (two batches in memory)."""
-    skip = restored[0].batches if restored else 0
+    skip = restored.meta.num_batches if restored else 0
     run_names = [n for n in run.names if n not in {i.name for i in session.get_inputs()}]
     read_digest = ""
     pending: _Pending | None = None
@@ -326,13 +380,13 @@ def _stream(run: _Run, session: Any, feeds: Iterable[Feed], opts: CollectOptions
         try:
             for index, feed in enumerate(feeds):
                 validate_feed(session, feed, index)
-                read_digest = _batch_digest(read_digest, feed)
+                digest = batch_digest(opts.batch_offset + index, feed)
                 if index < skip:
-                    run.digest = read_digest
+                    read_digest = combine_digests(read_digest, digest)
                     if index == skip - 1:
                         _restore(run, restored, read_digest)
                     continue
-                started = _Pending(pool.submit(session.run, run_names, dict(feed)), feed, read_digest)
+                started = _Pending(pool.submit(session.run, run_names, dict(feed)), feed, digest)
                 if pending is not None:
                     run.consistent = False
                     _finish(run, session, pending, opts)
@@ -347,46 +401,65 @@ def _stream(run: _Run, session: Any, feeds: Iterable[Feed], opts: CollectOptions
             if pending is not None and run.consistent:
                 _salvage(run, session, pending, opts)
             if opts.checkpoint is not None and run.consistent and run.batches > run.resumed and run.stats:
-                save_checkpoint(opts.checkpoint, run.meta(opts, complete=False), run.stats)
-                logger.warning("interrupted after %d batches; checkpoint saved to %s", run.batches, opts.checkpoint)
+                run.statistics(complete=False).save(opts.checkpoint)
+                logger.warning("interrupted after %d batches; calibration state saved to %s", run.batches,
+                               opts.checkpoint)
             raise
 
 
 def collect(model: onnx.ModelProto | Path, feeds: Iterable[Feed], tensors: Sequence[str],
-            options: CollectOptions | None = None) -> Collection:
+            options: CollectOptions | None = None) -> CollectResult:
     """Run the model over ``feeds`` and fold every tensor of ``tensors`` into its observers.
 
     Raises CalibrationError for empty data, feeds that do not match the model inputs, NaN/+inf activations
-    and a checkpoint collected from something else.
+    and a checkpoint collected from something else. A complete checkpoint of the same model, tensors,
+    options and data is reused without running the model (every batch is still read and its digest checked).
     """
-    opts = options or CollectOptions()
+    proto, model_bytes, model_sha = _load_model(model)
+    return _collect(proto, model_bytes, model_sha, feeds, tensors, options or CollectOptions())
+
+
+def collect_serialized(model_bytes: bytes, model_sha256: str, feeds: Iterable[Feed], tensors: Sequence[str],
+                       options: CollectOptions | None = None) -> CollectResult:
+    """:func:`collect` on a model received as bytes (:func:`load_model_bytes`), e.g. by a distributed shard."""
+    try:
+        proto = onnx.load_from_string(model_bytes)
+    except Exception as exc:  # onnx raises DecodeError and others
+        raise CalibrationError(f"cannot read the serialized ONNX model: {exc}") from exc
+    return _collect(proto, model_bytes, model_sha256, feeds, tensors, options or CollectOptions())
+
+
+def _collect(proto: onnx.ModelProto, model_bytes: bytes, model_sha: str, feeds: Iterable[Feed],
+             tensors: Sequence[str], opts: CollectOptions) -> CollectResult:
     names = tuple(dict.fromkeys(tensors))
-    session, model_sha = _session(model, names, opts)
-    run = _Run(names=names, model_sha=model_sha)
+    session = _session(proto, model_bytes, names, opts)
+    run = _Run(names=names, model_sha=model_sha, options=opts, folder=Folder(opts.fold_thread_count))
     restored = _resume(opts, model_sha, names)
     started = time.perf_counter()
-    _stream(run, session, feeds, opts, restored)
-    skip = restored[0].batches if restored else 0
+    try:
+        _stream(run, session, feeds, opts, restored)
+    finally:
+        run.folder.close()
+    skip = restored.meta.num_batches if restored else 0
     if skip and run.batches < skip:
         raise CalibrationError(f"the calibration data ended after {run.batches} batches, before the "
-                               f"{skip} batches of checkpoint {opts.checkpoint}; delete it to start over")
+                               f"{skip} batches of the saved state {opts.checkpoint}; run again with --fresh")
     if run.batches == 0:
         raise CalibrationError("calibration data is empty: no batches were given")
+    statistics = run.statistics(complete=True)
     if opts.checkpoint is not None:
-        save_checkpoint(opts.checkpoint, run.meta(opts, complete=True), run.stats)
+        statistics.save(opts.checkpoint)
     logger.info("collected %d tensors over %d batches (%d samples, %d resumed) in %.1f s", len(names),
                 run.batches, run.samples, run.resumed, time.perf_counter() - started)
-    return Collection(model_sha256=model_sha, tensors=names, stats=run.stats, layouts=run.layouts,
-                      batches=run.batches, samples=run.samples, resumed_batches=run.resumed, data_sha256=run.digest)
+    return CollectResult(statistics=statistics, resumed_batches=run.resumed)
 
 
-def _restore(run: _Run, restored: tuple[CheckpointMeta, dict[str, TensorStats]] | None, digest: str) -> None:
-    """Adopt the checkpoint once the skipped batches are verified to be the same data."""
+def _restore(run: _Run, restored: Statistics | None, digest: str) -> None:
+    """Adopt the saved state once the skipped batches are verified to be the same data."""
     assert restored is not None
-    meta, stats = restored
-    if meta.data_sha256 != digest:
-        raise CalibrationError("the calibration data differs from the data the checkpoint was collected on; "
-                               "delete the checkpoint to start over")
-    run.stats, run.layouts = stats, dict(meta.layouts)
-    run.batches = run.resumed = meta.batches
-    run.samples = meta.samples
+    if restored.meta.data_digest != digest:
+        raise CalibrationError("the calibration data differs from the data the saved state was collected on; "
+                               "run again with --fresh to start over")
+    run.stats, run.layouts, run.digest = restored.tensors, dict(restored.meta.layouts), digest
+    run.batches = run.resumed = restored.meta.num_batches
+    run.samples = restored.meta.samples

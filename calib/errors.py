@@ -1,6 +1,6 @@
 """Error families shared by every stage (all rooms import from here).
 
-User errors derive from :class:`ToolkitError` and carry the CLI exit code of DESIGN.md section 7:
+User errors derive from :class:`ToolkitError` and carry the CLI exit code:
 0 ok, 2 usage or config, 3 graph or calibration, 4 build, 5 missing optional backend.
 :class:`InternalError` is a bug in this project and deliberately does not derive from ToolkitError.
 """

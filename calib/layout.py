@@ -12,12 +12,12 @@ a flattened batch-token axis. A shape coincidence (head_dim == S) cannot fool th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from calib.errors import CalibrationError
+from calib.schema import Schema
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +26,7 @@ I64 = npt.NDArray[np.int64]
 Mask = npt.NDArray[np.bool_]
 
 
-@dataclass(frozen=True, kw_only=True)
-class TensorLayout:
+class TensorLayout(Schema, frozen=True, kw_only=True):
     """Token axes of one tensor (probe result)."""
 
     token_axes: tuple[int, ...] = ()
@@ -37,15 +36,6 @@ class TensorLayout:
     def has_dims(self) -> bool:
         """True when the last axis is a feature axis (per-dimension statistics make sense)."""
         return not self.token_axes or self.token_axes[-1] != -1
-
-    def to_dict(self) -> dict[str, object]:
-        return {"token_axes": list(self.token_axes), "flattened": self.flattened}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, object]) -> TensorLayout:
-        axes = data.get("token_axes", [])
-        assert isinstance(axes, list)
-        return cls(token_axes=tuple(int(a) for a in axes), flattened=bool(data.get("flattened", False)))
 
 
 def infer_layout(shape_s: tuple[int, ...], shape_s1: tuple[int, ...], batch: int, seq: int) -> TensorLayout:
@@ -68,6 +58,27 @@ def _broadcast_mask(arr: npt.NDArray[np.generic], lead_shape: tuple[int, ...], a
     shape = [1] * len(lead_shape)
     shape[0], shape[axis] = arr.shape[0], arr.shape[1]
     return np.broadcast_to(arr.reshape(shape), lead_shape)
+
+
+def prefix_lengths(mask: Mask) -> I64 | None:
+    """Valid positions per row when every row of ``mask`` [B, S] is ones then zeros (right padding), else None."""
+    lengths: I64 = mask.sum(axis=1, dtype=np.int64)
+    if not np.array_equal(mask, np.arange(mask.shape[1]) < lengths[:, None]):
+        return None
+    return lengths
+
+
+def _prefix_slices(x: F32, axes: list[int], lengths: I64, width: int) -> F32:
+    """The valid values of ``x`` as rows [N, width], sample by sample (right padding: a slice per token axis).
+
+    For sample b the token axes are cut to their first ``lengths[b]`` positions; concatenating the samples
+    keeps the order of a boolean selection (b, then the remaining axes in order) at memcpy speed.
+    """
+    pieces = []
+    for b, length in enumerate(lengths.tolist()):
+        index = tuple(slice(0, length) if axis in axes else slice(None) for axis in range(1, x.ndim))
+        pieces.append(x[b][index].reshape(-1, width))
+    return np.concatenate(pieces) if pieces else x.reshape(-1, width)[:0]
 
 
 def valid_rows(x: F32, layout: TensorLayout, mask: Mask | None,
@@ -93,17 +104,50 @@ def valid_rows(x: F32, layout: TensorLayout, mask: Mask | None,
         keep_full = np.broadcast_to(keep.reshape((-1,) + (1,) * (len(lead) - 1)), lead)
         row_ids = None if ids is None else np.broadcast_to(
             ids.reshape((-1,) + (1,) * (len(lead) - 1)), lead)[keep_full]
-    else:
-        if x.shape[0] != mask.shape[0]:
-            raise CalibrationError(f"tensor batch axis {x.shape[0]} does not match the attention mask {mask.shape}")
-        keep_full = np.ones(lead, dtype=bool)
-        axes = [len(x.shape) - 1 if a == -1 else a for a in layout.token_axes]
-        for axis in axes:
-            keep_full = keep_full & _broadcast_mask(mask, lead, axis).astype(bool)
-        row_ids = None
-        if ids is not None and len(axes) == 1 and layout.has_dims:
-            row_ids = np.asarray(_broadcast_mask(ids, lead, axes[0]))[keep_full]
+        flat = keep_full.reshape(-1)
+        return (rows2d, row_ids) if flat.all() else (rows2d[flat], row_ids)
+    if x.shape[0] != mask.shape[0]:
+        raise CalibrationError(f"tensor batch axis {x.shape[0]} does not match the attention mask {mask.shape}")
+    mask = np.asarray(mask, dtype=bool)
+    axes = [len(x.shape) - 1 if a == -1 else a for a in layout.token_axes]
+    row_ids = None
+    if ids is not None and len(axes) == 1 and layout.has_dims:
+        row_ids = np.asarray(_broadcast_mask(ids, lead, axes[0]))[_broadcast_mask(mask, lead, axes[0])]
+    lengths = prefix_lengths(mask)
+    if lengths is not None and bool((lengths == mask.shape[1]).all()):
+        return rows2d, row_ids
+    if lengths is not None and not layout.has_dims:  # a full-size element mask would cost more than the copy
+        return _prefix_slices(x, axes, lengths, rows2d.shape[1]), row_ids
+    keep_full = np.ones(lead, dtype=bool)
+    for axis in axes:
+        keep_full = keep_full & _broadcast_mask(mask, lead, axis).astype(bool)
     flat = keep_full.reshape(-1)
     if flat.all():
         return rows2d, row_ids
     return rows2d[flat], row_ids
+
+
+def token_row_max(x: F32, layout: TensorLayout, mask: Mask | None,
+                  ids: I64 | None) -> tuple[F32, I64, int] | None:
+    """Per valid token position (b, s): max|x| over every row of that position, its id and the rows it stands for.
+
+    Only for a tensor with one token axis and further lead axes besides the batch (an attention operand
+    [B, H, S, d]): its rows (b, h, s) are short, and reducing the heads first (a vectorised pass) leaves
+    one row per (b, s) instead of H; the token observer then counts each (b, s) H times. None otherwise.
+
+        x [B, H, S, d] --max, min over H--> [B, S, d] --max(hi, -lo), max over d--> [B, S] --mask--> rows
+    """
+    if ids is None or mask is None or layout.flattened or len(layout.token_axes) != 1 or not layout.has_dims:
+        return None
+    token = layout.token_axes[0]
+    groups = tuple(a for a in range(1, x.ndim - 1) if a != token)
+    if not groups or token == 0 or x.shape[0] != mask.shape[0]:
+        return None
+    hi = x.max(axis=groups)
+    lo = x.min(axis=groups)
+    np.negative(lo, out=lo)
+    np.maximum(hi, lo, out=hi)
+    per_position: F32 = hi.max(axis=-1)
+    repeats = int(np.prod([x.shape[a] for a in groups]))
+    keep = np.asarray(mask, dtype=bool)
+    return per_position[keep], np.asarray(ids)[keep], repeats

@@ -4,8 +4,6 @@
 * percentile  the upper edge of the |x|-histogram bin where the CDF reaches p, capped at max|x|
 * entropy     TensorRT EntropyCalibration2 (KL divergence, 2048 bins -> 128 levels), see :func:`entropy_bin`
 * mse         the histogram bin centre that minimises the expected quantize-dequantize squared error
-
-Per-embedding-group (PEG) partitions (METHODS.md section 3.3) are computed by :func:`peg_groups`.
 """
 
 from __future__ import annotations
@@ -219,29 +217,3 @@ def amax_mse(counts: npt.ArrayLike, bin_width: float, *, start_bin: int = MSE_ST
         errors[lo:lo + step] = ((dq - xu[None, :]) ** 2 * cu[None, :]).sum(axis=1)
     best = int(np.argmin(errors))
     return _positive(float(candidates[best]), "mse")
-
-
-def peg_groups(dim_min: npt.ArrayLike, dim_max: npt.ArrayLike, num_groups: int) -> tuple[I64, I64]:
-    """PEG partition (METHODS.md 3.3): permutation by ascending range r_j = max_j - min_j, K equal groups.
-
-    Returns ``(permutation, group_of)``: ``permutation`` lists dims in ascending-range order (stable sort, so
-    deterministic); ``group_of[j]`` is the group of dim j (0..K-1; the outlier dims land in group K-1).
-    """
-    lo = np.asarray(dim_min, dtype=np.float64)
-    hi = np.asarray(dim_max, dtype=np.float64)
-    d = lo.size
-    if num_groups < 1 or d % num_groups != 0:
-        raise ConfigError(f"PEG groups={num_groups} must divide the embedding width {d} (e.g. 1, 2, 3, 6, ...)")
-    permutation = np.argsort(hi - lo, kind="stable").astype(np.int64)
-    group_of = np.empty(d, dtype=np.int64)
-    group_of[permutation] = np.arange(d, dtype=np.int64) // (d // num_groups)
-    return permutation, group_of
-
-
-def group_amax(channel_amax: npt.ArrayLike, group_of: npt.ArrayLike) -> F64:
-    """Per-group amax (max over the group's dims) broadcast back to every dim."""
-    amax = np.asarray(channel_amax, dtype=np.float64)
-    groups = np.asarray(group_of, dtype=np.int64)
-    per_group = np.zeros(int(groups.max()) + 1, dtype=np.float64)
-    np.maximum.at(per_group, groups, amax)
-    return per_group[groups]

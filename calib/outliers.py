@@ -1,4 +1,4 @@
-"""Calibration stage: the activation-outlier report after Bondarenko et al. 2021 (METHODS.md section 3.1).
+"""Calibration stage: the activation-outlier report after Bondarenko et al. 2021 (arXiv 2109.12948, section 3).
 
 Per tensor (with its layer and role): max|x| against high percentiles of |x| (how much of the range only a
 few values use), the embedding dimensions whose own max|x| exceeds ``factor`` times the median dimension's
@@ -10,9 +10,7 @@ layer (matplotlib, imported lazily inside :func:`plot_dimension_ranges`).
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +18,10 @@ import numpy as np
 
 from calib.artifact_io import atomic_write_bytes
 from calib.methods import amax_percentile
-from calib.tensor_stats import TensorStats
+from calib.schema import Schema, decode_json, to_builtins, to_json
+from calib.statistics import TensorStatistics
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2
 DEFAULT_FACTOR = 6.0
 PERCENTILES = (99.0, 99.9, 99.99)
 PLOT_ROLES = ("fc2", "ffn_residual")  # Bondarenko's h (FFN output) and y (FFN residual sum)
@@ -30,8 +29,7 @@ PLOT_ROLES = ("fc2", "ffn_residual")  # Bondarenko's h (FFN output) and y (FFN r
 Label = tuple[int | None, str]  # (layer, role)
 
 
-@dataclass(frozen=True, kw_only=True)
-class OutlierRow:
+class OutlierRow(Schema, frozen=True, kw_only=True):
     """The outlier statistics of one tensor."""
 
     tensor: str
@@ -48,13 +46,29 @@ class OutlierRow:
     top_tokens: tuple[tuple[str, float, int], ...]  # (token, max|x| of its rows, rows seen)
 
 
-@dataclass(frozen=True, kw_only=True)
-class OutlierReport:
+# Bondarenko et al. 2021 (arXiv 2109.12948) mixed precision: a layer is flagged when its FFN output h or FFN
+# residual sum y has max|x| at least this many times its 99.99th percentile (a few structured outlier values own
+# most of the INT8 range). The threshold is ours; on all-MiniLM-L6-v2 it flags layers 0-2, the three layers
+# whose FFN is most sensitive to INT8 (measured by leaving one layer's FFN in FP16).
+MP_OUTLIER_RATIO = 10.0
+MP_ROLES = ("fc2", "ffn_residual")
+
+
+class OutlierReport(Schema, frozen=True, kw_only=True):
     """Outlier statistics of every observed tensor that has a feature axis."""
 
+    version: int = REPORT_VERSION
     factor: float
     rows: tuple[OutlierRow, ...]
-    version: int = REPORT_VERSION
+
+    def flagged_layers(self, ratio: float = MP_OUTLIER_RATIO, roles: Sequence[str] = MP_ROLES) -> tuple[int, ...]:
+        """Layers whose tensors of ``roles`` have max|x| >= ``ratio`` x their 99.99th percentile."""
+        return tuple(sorted({r.layer for r in self.rows if r.layer is not None and r.role in roles
+                             and r.max_over_p9999 >= ratio}))
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "outlier report") -> OutlierReport:
+        return decode_json(text, cls, where, version=REPORT_VERSION)
 
     def dimension_counts(self, width: int | None = None) -> dict[int, int]:
         """How many tensors of ``width`` (default: the most common width, the hidden size) name each outlier
@@ -71,9 +85,7 @@ class OutlierReport:
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def to_json(self) -> str:
-        data = {"version": self.version, "factor": self.factor, "rows": [asdict(r) for r in self.rows],
-                "dimension_counts": {str(k): v for k, v in self.dimension_counts().items()}}
-        return json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+        return to_json(self)
 
     def to_markdown(self) -> str:
         header = ("| layer | role | tensor | max | p99.99 | max/p99.99 | outlier dims (max) | range share | "
@@ -91,8 +103,10 @@ class OutlierReport:
                                     f"dimension): {summary or 'none'}\n")
 
 
-def _row(stats: TensorStats, label: Label, factor: float, token_name: Callable[[int], str]) -> OutlierRow | None:
+def _row(stats: TensorStatistics, label: Label, factor: float, token_name: Callable[[int], str]) -> OutlierRow | None:
     amax_d = stats.dims.channel_amax if stats.dims is not None else None
+    if "histogram" not in stats.observers:
+        return None
     hist = stats.histogram.histogram
     if amax_d is None or stats.minmax.count == 0 or stats.minmax.abs_max == 0.0:
         return None
@@ -115,7 +129,7 @@ def _row(stats: TensorStats, label: Label, factor: float, token_name: Callable[[
                       range_share=share if order.size else 0.0, top_tokens=tokens)
 
 
-def outlier_report(stats: Mapping[str, TensorStats], labels: Mapping[str, Label], *,
+def outlier_report(stats: Mapping[str, TensorStatistics], labels: Mapping[str, Label], *,
                    factor: float = DEFAULT_FACTOR, token_name: Callable[[int], str] | None = None) -> OutlierReport:
     """The report over every tensor of ``stats`` with per-dimension statistics, ordered by (layer, role)."""
     name_of = token_name or (lambda i: str(i))
@@ -125,7 +139,7 @@ def outlier_report(stats: Mapping[str, TensorStats], labels: Mapping[str, Label]
     return OutlierReport(factor=factor, rows=tuple(rows))
 
 
-def plot_dimension_ranges(stats: Mapping[str, TensorStats], labels: Mapping[str, Label], role: str,
+def plot_dimension_ranges(stats: Mapping[str, TensorStatistics], labels: Mapping[str, Label], role: str,
                           path: Path, factor: float = DEFAULT_FACTOR) -> bool:
     """PNG of the per-dimension range [min, max] per layer for tensors of ``role``; False if there are none."""
     chosen = sorted(((labels[n][0], n) for n in stats if n in labels and labels[n][1] == role
@@ -160,7 +174,7 @@ def plot_dimension_ranges(stats: Mapping[str, TensorStats], labels: Mapping[str,
     return True
 
 
-def write_outlier_report(report: OutlierReport, stats: Mapping[str, TensorStats], labels: Mapping[str, Label],
+def write_outlier_report(report: OutlierReport, stats: Mapping[str, TensorStatistics], labels: Mapping[str, Label],
                          folder: Path, roles: Sequence[str] = PLOT_ROLES) -> list[Path]:
     """Write ``outliers.json``, ``outliers.md`` and one ``outliers_<role>.png`` per plotted role."""
     written = [folder / "outliers.json", folder / "outliers.md"]
@@ -175,5 +189,5 @@ def write_outlier_report(report: OutlierReport, stats: Mapping[str, TensorStats]
 
 def report_dict(report: OutlierReport) -> dict[str, Any]:
     """The report as plain data (what ``outliers.json`` holds)."""
-    data: dict[str, Any] = json.loads(report.to_json())
+    data: dict[str, Any] = to_builtins(report)
     return data

@@ -1,6 +1,6 @@
 """Calibration stage: symmetric INT8 quantize/dequantize numerics shared by every room.
 
-Conventions (DESIGN.md section 3, METHODS.md section 1.1): symmetric, zero-point 0, scale = amax / 127 in
+Conventions (TensorRT's explicit quantization): symmetric, zero-point 0, scale = amax / 127 in
 float32, q = clamp(round_half_even(x / scale), -128, 127), x_hat = scale * q. ``np.rint`` rounds half to
 even, exactly as TensorRT and ``torch.round`` do.
 """
