@@ -1,9 +1,9 @@
 """Lowering stage: FP16/BF16 fallback with Casts, and the whole-graph FP16 conversion (FP16 baseline).
 
-Strongly typed TensorRT runs a layer in its inputs' dtype (PLATFORM.md section 2), so a fallback node gets
-its float activations cast to the 16-bit type, its float initializers stored in that type, and its outputs
-cast back. Float constants are clamped to the 16-bit range first: an FP32 attention-mask constant
-(-3.4e38) would otherwise become -inf, and 0 * -inf = NaN.
+Strongly typed TensorRT runs a layer in its inputs' dtype (TensorRT developer guide, strong typing), so a
+fallback node gets its float activations cast to the 16-bit type, its float initializers stored in that type,
+and its outputs cast back. Float constants are clamped to the 16-bit range first: an FP32 attention-mask
+constant (-3.4e38) would otherwise become -inf, and 0 * -inf = NaN.
 
     x --Cast(fp16)--> node(W_fp16) --Cast(fp32)--> y
 

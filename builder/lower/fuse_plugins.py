@@ -7,8 +7,13 @@ position of the first of them, so the node list stays topologically sorted):
     # LayerNormalization -> QuantizeLinear(s, 0)               ->  LayerNormQuantize(x, g, b; scale=s)
     # Add(x, mask) -> Softmax(-1) -> QuantizeLinear(s, 0)      ->  SoftmaxQuantize(x, mask; scale=s)
     # Softmax(-1) -> QuantizeLinear(s, 0)                      ->  SoftmaxQuantize(x; scale=s)
+    # QuantizeLinear(s, 0) -> [SPARQ composition]              ->  SparqQuantize(x; scale=s)  (tried first;
+    #                                                              builder.lower.fuse_sparq)
 
 The plugin's INT8 output keeps the QuantizeLinear output's name, so the DequantizeLinear after it is untouched.
+Every node the pass writes has a TensorRT registration: its ``plugin_namespace`` attribute names the registered
+I/O form (``plugins/*/plugin.py`` ``FORMS``: residual input, mask input, normalized output), because a Quickly
+Deployable Plugin fixes its input and output counts; the per-token form, which has none, is never written.
 A LayerNormalization output with other consumers (the residual path) is kept as the plugin's ``normalized``
 output under its own name. Attributes are validated here, at graph-building time: epsilon and scale > 0 and
 finite, row width within the kernel's limit, float32/float16 inputs; a violation raises GraphError.
@@ -21,50 +26,57 @@ softmax input, which makes the other operand a valid broadcast mask).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from builder.lower.fuse_sparq import match_sparq
 from calib.errors import ConfigError, GraphError, InternalError
+from calib.schema import Schema, decode_json, to_json
 from plugins.common import DOMAIN, PLUGIN_VERSION, check_float_dtype, check_row_width
+from plugins.layernorm_quant.plugin import namespace_for as ln_namespace
 from plugins.layernorm_quant.schema import OP_TYPE as LN_OP
 from plugins.layernorm_quant.schema import LayerNormQuantizeAttrs
+from plugins.softmax_quant.plugin import namespace_for as sm_namespace
 from plugins.softmax_quant.schema import MAX_RANK, SoftmaxQuantizeAttrs
 from plugins.softmax_quant.schema import OP_TYPE as SM_OP
 
 LOG = logging.getLogger(__name__)
 
 _PROBE_PRIMES = (3, 7, 11, 13, 17, 19, 23, 29, 31, 37)
+FUSE_CONFIG_VERSION = 1
 Shape = tuple[int | str, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
-class FusePluginsConfig:
-    """Which patterns the pass fuses. Unknown JSON keys are errors."""
+class FusePluginsConfig(Schema, frozen=True, kw_only=True):
+    """Which patterns the pass fuses. Strict JSON: unknown keys are errors; ``version`` may be left out."""
 
     layernorm: bool = True
     softmax: bool = True
     residual: bool = True  # fold Add(a, r) -> LayerNormalization into the plugin's residual input
     mask: bool = True  # fold Add(x, mask) -> Softmax into the plugin's mask input
-    version: int = 1
+    sparq: bool = True  # Q -> SPARQ composition to SparqQuantize (its constants are dropped with it)
+    version: int = FUSE_CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != FUSE_CONFIG_VERSION:
+            raise ConfigError(
+                f"fuse-plugins config version {self.version!r} not supported; expected {FUSE_CONFIG_VERSION}"
+            )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        """Canonical JSON (sorted keys); :meth:`from_json` reads it back equal."""
+        return to_json(self)
 
     @classmethod
-    def from_json(cls, text: str) -> FusePluginsConfig:
-        data = json.loads(text)
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(data) - known) if isinstance(data, dict) else ["<not an object>"]
-        if unknown:
-            raise ConfigError(f"fuse-plugins config: unknown keys {unknown}; known: {sorted(known)}")
-        return cls(**data)
+    def from_json(cls, text: str | bytes) -> FusePluginsConfig:
+        """Decode a config; an unknown key, a non-boolean switch or another version raises ConfigError."""
+        return decode_json(text, cls, "fuse-plugins config")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -227,7 +239,8 @@ def _match_layernorm(ix: _Index, q: onnx.NodeProto, config: FusePluginsConfig) -
         inputs, removed = [a, ln.input[1], ln.input[2], r], (add, ln, q)
     else:
         inputs, removed = [x, ln.input[1], ln.input[2]], (ln, q)
-    node = _plugin_node(LN_OP, f"{ln.name}/{LN_OP}", inputs, outputs, attrs.to_onnx_attributes())
+    node_attrs = {**attrs.to_onnx_attributes(), "plugin_namespace": ln_namespace(attrs)}
+    node = _plugin_node(LN_OP, f"{ln.name}/{LN_OP}", inputs, outputs, node_attrs)
     return _Rewrite(removed=removed, node=node)
 
 
@@ -271,15 +284,21 @@ def _match_softmax(ix: _Index, q: onnx.NodeProto, config: FusePluginsConfig) -> 
         inputs, removed = [xin, mask], (add, sm, q)
     else:
         inputs, removed = [x], (sm, q)
-    node = _plugin_node(SM_OP, f"{sm.name}/{SM_OP}", inputs, [q.output[0]], attrs.to_onnx_attributes())
+    node_attrs = {**attrs.to_onnx_attributes(), "plugin_namespace": sm_namespace(attrs)}
+    node = _plugin_node(SM_OP, f"{sm.name}/{SM_OP}", inputs, [q.output[0]], node_attrs)
     return _Rewrite(removed=removed, node=node)
+
+
+def _match_sparq(ix: _Index, q: onnx.NodeProto, config: FusePluginsConfig) -> _Rewrite | None:
+    found = match_sparq(ix, q, lambda node: _quantize_scale(ix, node))
+    return None if found is None else _Rewrite(removed=found[0], node=found[1])
 
 
 _Rule = Callable[[_Index, onnx.NodeProto, FusePluginsConfig], "_Rewrite | None"]
 
 
 def _rules(config: FusePluginsConfig) -> tuple[_Rule, ...]:
-    rules: list[_Rule] = []
+    rules: list[_Rule] = [_match_sparq] if config.sparq else []  # first: a Q feeding a composition belongs to it
     if config.layernorm:
         rules.append(_match_layernorm)
     if config.softmax:
@@ -322,6 +341,11 @@ def _apply(
     del out.graph.value_info[:]
     out.graph.value_info.extend(kept)
     out.graph.value_info.extend(output_types)
+    read = {t for n in nodes for t in n.input}
+    orphaned = {t for rw in rewrites for n in rw.removed for t in n.input} - read  # e.g. a SPARQ span's constants
+    kept_inits = [i for i in out.graph.initializer if i.name not in orphaned]
+    del out.graph.initializer[:]
+    out.graph.initializer.extend(kept_inits)
     if not any(op.domain == DOMAIN for op in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, int(PLUGIN_VERSION)))
     return out

@@ -57,11 +57,13 @@ class GraphEditor:
         return name
 
     def constant_value(self, tensor: str) -> np.ndarray | None:
-        """The value of an initializer or a Constant node's output, else None."""
+        """The value of an initializer or a Constant node's output (also behind Identity nodes), else None."""
         value = self.initializer(tensor)
         if value is not None:
             return value
         node = self.producer(tensor)
+        if node is not None and node.op_type == "Identity" and node.input:
+            return self.constant_value(node.input[0])  # exporters deduplicate initializers through Identity
         if node is not None and node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":

@@ -1,19 +1,27 @@
-"""Lowering stage: raise the default-domain opset to 19 before Q/DQ insertion.
+"""Lowering stage: raise the default-domain opset to 19 (21 for block-wise INT4 weights) before Q/DQ insertion.
 
-Opset 19 is what TensorRT's Q/DQ import is checked against (PLATFORM.md section 3) and what the
+Opset 19 is what TensorRT's Q/DQ import is checked against (TensorRT's ONNX parser, explicit quantization) and what the
 ``onnx.reference`` evaluator implements for QuantizeLinear/DequantizeLinear. Ops whose definition did not
 change between the model's opset and 19 only need the version number raised; otherwise ONNX's version
 converter rewrites the graph. Large initializers are held aside during the conversion (GEMM weights and
 embeddings are never touched by the adapters, and copying them dominates the converter's run time).
+
+Block-wise DequantizeLinear (``block_size``) and INT4 initializers exist from opset 21: a plan whose weight
+quantizer stores block-wise INT4 weights (builder.quant.weight_common) lowers at 21 (:func:`required_opset`).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import defs, helper, version_converter
 
 from calib.errors import BuildError
+
+if TYPE_CHECKING:
+    from builder.plan.artifact import QuantPlan
 
 TARGET_OPSET = 19
 _ASIDE_ELEMENTS = 4096
@@ -64,3 +72,16 @@ def upgrade_opset(model: onnx.ModelProto, target: int = TARGET_OPSET) -> onnx.Mo
     out.graph.input.extend(inputs)
     out.graph.initializer.extend(aside)
     return out
+
+
+def required_opset(plan: QuantPlan) -> int:
+    """The opset the lowered graph of ``plan`` needs: 19, or higher where a weight quantizer's stored form needs
+    it (its ``opset(config)``, e.g. 21 for block-wise INT4 weights)."""
+    from builder.quant.registry import weight_quantizer
+
+    needed = TARGET_OPSET
+    for w in plan.weights:
+        opset_of = getattr(weight_quantizer(w.quantizer), "opset", None)
+        if opset_of is not None:
+            needed = max(needed, int(opset_of(w.config)))
+    return needed

@@ -1,12 +1,12 @@
-"""Lowering stage: Q/DQ insertion (per-tensor activations) and INT8 per-channel weight initializers.
+"""Lowering stage: Q/DQ insertion for per-tensor activations (the helper every activation quantizer uses).
 
-TensorRT's contract (PLATFORM.md section 3): symmetric, zero-point 0 of type INT8, FP32 scales, per-channel
-only on weights (axis = output channel of the weight as stored), activations per tensor, weights in
-[-127, 127] stored as INT8 initializers behind a DequantizeLinear.
+TensorRT's Q/DQ contract (TensorRT developer guide, explicit quantization): symmetric, zero-point 0 of type
+INT8, FP32 scales, per-channel only on weights (axis = output channel of the weight as stored), activations
+per tensor, weights in [-127, 127] stored as INT8 initializers behind a DequantizeLinear.
 
     act:     x -> QuantizeLinear(s) -> DequantizeLinear(s) -> GEMM
     centered x -> Sub(c) -> QuantizeLinear(s) -> DequantizeLinear(s) -> GEMM -> Add(bias + c * colsum(W))
-    weight:  W_int8 (initializer) -> DequantizeLinear(s[axis]) -> GEMM
+    weight:  W_int8 (initializer) -> DequantizeLinear(s[axis]) -> GEMM       (builder.quant.rtn)
 """
 
 from __future__ import annotations
@@ -14,30 +14,15 @@ from __future__ import annotations
 import numpy as np
 
 from builder.lower.graph_edit import GraphEditor
-from builder.plan.artifact import ALL_CONSUMERS, ActivationQuant, QuantPlan
-from builder.recipes.model import Scheme
 from calib.errors import BuildError
-from calib.quant import quantize, scale_from_amax
+from calib.quant import scale_from_amax
+
+ALL_CONSUMERS = "*"
 
 
 def act_scale(amax: float) -> np.float32:
     """The FP32 activation scale float32(amax / 127) (calib.quant's convention)."""
     return scale_from_amax(amax)
-
-
-def quantize_weight(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-channel INT8 of ``w`` along ``axis``: (int8 values in [-127, 127], float32 scales).
-
-    scale_c = float32(max|w[..c..]| / 127) (a zero channel gets scale 1);
-    q = clip(round_half_even(w / scale), -127, 127) in float32, as TensorRT quantizes.
-    """
-    w = np.asarray(w, dtype=np.float32)
-    reduce_axes = tuple(i for i in range(w.ndim) if i != axis)
-    amax = np.max(np.abs(w), axis=reduce_axes).astype(np.float64)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    shape = [1] * w.ndim
-    shape[axis] = -1
-    return quantize(w, scale.reshape(shape), narrow=True), scale
 
 
 def insert_qdq(ed: GraphEditor, tensor: str, amax: float, consumers: tuple[str, ...], tag: str = "",
@@ -76,45 +61,3 @@ def insert_qdq(ed: GraphEditor, tensor: str, amax: float, consumers: tuple[str, 
             raise BuildError(f"plan says node {name!r} reads {tensor!r}, but it does not")
         GraphEditor.replace_input(node, tensor, dequantized)
     return dequantized
-
-
-def insert_weight_dq(ed: GraphEditor, node_name: str, axis: int, weight_cache: dict[str, str]) -> None:
-    """Replace the float weight initializer of GEMM ``node_name`` by INT8 + DequantizeLinear(axis)."""
-    node = ed.node(node_name)
-    index = next((i for i, t in enumerate(node.input) if ed.initializer(t) is not None), None)
-    if index is None:
-        raise BuildError(f"GEMM {node_name!r} has no weight initializer to quantize")
-    weight = node.input[index]
-    if weight not in weight_cache:
-        w = ed.initializer(weight)
-        assert w is not None
-        if not -w.ndim <= axis < w.ndim:
-            raise BuildError(f"weight {weight!r} of shape {w.shape}: channel axis {axis} is out of range")
-        q, scale = quantize_weight(w, axis)
-        q_name = ed.add_initializer(f"{weight}_int8", q)
-        s_name = ed.add_initializer(f"{weight}_scale", scale)
-        z_name = ed.add_initializer(f"{weight}_zero_point", np.zeros(scale.shape, dtype=np.int8))
-        out = ed.unique(f"{weight}_dequantized")
-        ed.add_node("DequantizeLinear", [q_name, s_name, z_name], [out], name=f"{weight}_DequantizeLinear",
-                    axis=axis % w.ndim)
-        weight_cache[weight] = out
-    node.input[index] = weight_cache[weight]
-
-
-def lower_tensor_activations(ed: GraphEditor, plan: QuantPlan) -> None:
-    """Insert Q/DQ for every per-tensor activation edge of the plan."""
-    for act in plan.activations:
-        if act.scheme == Scheme.TENSOR:
-            insert_qdq(ed, act.tensor, act.amax, act.consumers, offset=act.offset)
-
-
-def lower_weights(ed: GraphEditor, plan: QuantPlan, skip: set[str]) -> None:
-    """INT8 per-channel weights for every planned GEMM (nodes in ``skip`` were handled by another pass)."""
-    cache: dict[str, str] = {}
-    for wq in plan.weights:
-        if wq.node not in skip:
-            insert_weight_dq(ed, wq.node, wq.axis, cache)
-
-
-def activation_by_tensor(plan: QuantPlan) -> dict[str, ActivationQuant]:
-    return {a.tensor: a for a in plan.activations}

@@ -1,7 +1,7 @@
-"""Planning stage: ``plan(report, recipe, ranges) -> QuantPlan``."""
+"""Planning stage: ``plan(report, recipe, statistics) -> QuantPlan``."""
 
-from builder.plan.artifact import ActivationQuant, NodePlan, PegGroup, QuantPlan, WeightQuant
+from builder.plan.artifact import ActivationEdge, NodePlan, QuantPlan, WeightEdge, load_plan
 from builder.plan.flops import gemm_flops
 from builder.plan.planner import plan
 
-__all__ = ["ActivationQuant", "NodePlan", "PegGroup", "QuantPlan", "WeightQuant", "gemm_flops", "plan"]
+__all__ = ["ActivationEdge", "NodePlan", "QuantPlan", "WeightEdge", "gemm_flops", "load_plan", "plan"]

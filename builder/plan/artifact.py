@@ -1,122 +1,65 @@
-"""Planning stage: the QuantPlan artifact (per edge what is quantized, how, with which range; per node why).
+"""Planning stage: the QuantPlan artifact (per edge which quantizer and its decided parameters; per node why).
 
-Lowering inserts exactly what the plan records and nothing else ("decide, then insert once").
+Lowering inserts exactly what the plan records and nothing else ("decide, then insert once"). Every
+activation edge names its registered quantizer (builder.quant.registry) and carries that quantizer's typed
+parameters; every INT8 weight names its weight quantizer and config. :func:`load_plan` reads a plan back,
+typing each edge's parameters through the registry, so an unknown or misspelled key anywhere is an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
-from builder.recipes.model import Precision, Scheme
-from calib.artifact_io import canonical_json, versioned_object
-from calib.errors import ConfigError
+from builder.quant.base import Placement
+from builder.recipes.model import Precision
+from calib.schema import Schema, convert, decode_json, to_json
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 ALL_CONSUMERS = "*"
 
 
-@dataclass(frozen=True, kw_only=True)
-class PegGroup:
-    """One per-embedding group: the feature indices (ascending) and their shared symmetric range."""
+class ActivationEdge(Schema, frozen=True, kw_only=True):
+    """One quantized activation.
 
-    dims: tuple[int, ...]
-    amax: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"dims": list(self.dims), "amax": self.amax}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PegGroup:
-        return cls(dims=tuple(int(d) for d in data["dims"]), amax=float(data["amax"]))
-
-
-@dataclass(frozen=True, kw_only=True)
-class ActivationQuant:
-    """One quantized activation edge.
-
-    ``consumers`` are the nodes that read the quantized value; ``("*",)`` means every consumer, graph
-    outputs included (the producer's output itself is quantized). ``amax`` is the per-tensor range of the
-    value that enters QuantizeLinear: for ``feature`` it is the range after dividing by ``feature_scale``;
-    for ``peg`` each group has its own range and ``amax`` is their maximum. A centered edge (``offset`` not 0)
-    quantizes ``x - offset`` with range ``amax`` and its consumers' biases absorb ``offset``.
+    ``consumers`` are the nodes that read the quantized value; ``("*",)`` means every reader, graph outputs
+    included (the producer's output itself is quantized). ``params`` is the registered quantizer's parameter
+    Struct; ``scale_group`` names activations that share one scale (the Q, K and V operands of one attention).
     """
 
     tensor: str
     consumers: tuple[str, ...]
-    scheme: Scheme
-    amax: float
-    method: str  # "max", "percentile:99.99", "entropy", "mse", "fixed", "table:<method>"
-    feature_scale: tuple[float, ...] | None = None
-    groups: tuple[PegGroup, ...] = ()
-    scale_group: str = ""  # activations sharing one scale (e.g. the Q/K/V operands of one attention)
-    offset: float = 0.0  # centered edges: the midpoint c subtracted before QuantizeLinear
-
-    def __post_init__(self) -> None:
-        if not self.amax > 0.0:
-            raise ConfigError(f"activation {self.tensor!r}: amax {self.amax} must be positive")
-        if self.offset and (self.scheme != Scheme.TENSOR or self.all_consumers):
-            raise ConfigError(f"activation {self.tensor!r}: an offset needs scheme tensor and named GEMM consumers")
-        if self.scheme == Scheme.FEATURE and not self.feature_scale:
-            raise ConfigError(f"activation {self.tensor!r}: scheme feature needs feature scales")
-        if self.scheme == Scheme.PEG and not self.groups:
-            raise ConfigError(f"activation {self.tensor!r}: scheme peg needs groups")
+    placement: Placement
+    quantizer: str
+    params: Any
+    method: str  # how the range was chosen, e.g. "max", "mse+center", "feature-max:alpha=1"
+    scale_group: str = ""
 
     @property
     def all_consumers(self) -> bool:
         return self.consumers == (ALL_CONSUMERS,)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "tensor": self.tensor,
-            "consumers": list(self.consumers),
-            "scheme": self.scheme.value,
-            "amax": self.amax,
-            "method": self.method,
-            "feature_scale": None if self.feature_scale is None else list(self.feature_scale),
-            "groups": [g.to_dict() for g in self.groups],
-            "scale_group": self.scale_group,
-            "offset": self.offset,
-        }
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ActivationQuant:
-        fs = data.get("feature_scale")
-        return cls(tensor=str(data["tensor"]), consumers=tuple(data["consumers"]), scheme=Scheme(data["scheme"]),
-                   amax=float(data["amax"]), method=str(data["method"]),
-                   feature_scale=None if fs is None else tuple(float(v) for v in fs),
-                   groups=tuple(PegGroup.from_dict(g) for g in data.get("groups", [])),
-                   scale_group=str(data.get("scale_group", "")), offset=float(data.get("offset", 0.0)))
+class WeightEdge(Schema, frozen=True, kw_only=True):
+    """A GEMM weight stored as integers with scales (the WeightSet stage computes them).
 
-
-@dataclass(frozen=True, kw_only=True)
-class WeightQuant:
-    """A weight initializer stored as INT8 with one symmetric scale per output channel (``axis``).
-
-    ``bias_correction``: after lowering, the GEMM's bias absorbs the mean output error measured on the
-    calibration data (:mod:`builder.lower.bias_correction`); serialized only when set.
+    ``axis`` is the output-channel axis of the stored weight (MatMul W[K, N]: 1; Gemm transB=1: 0; an
+    embedding [V, H] that a tied LM head reads through a Transpose: 0). ``path`` names the layout nodes between
+    the initializer and the GEMM (that Transpose); the integer weight is dequantized in the initializer's layout
+    and the path reads it. ``bias_correction``: the GEMM's bias absorbs the mean output error measured on the
+    calibration data.
     """
 
     node: str
-    weight: str
+    weight: str  # the float weight initializer
+    input: str  # the activation tensor the GEMM multiplies with it
     axis: int
-    bits: int = 8
+    quantizer: str
+    config: Any
+    path: tuple[str, ...] = ()
     bias_correction: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        data: dict[str, Any] = {"node": self.node, "weight": self.weight, "axis": self.axis, "bits": self.bits}
-        if self.bias_correction:
-            data["bias_correction"] = True
-        return data
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> WeightQuant:
-        return cls(node=str(data["node"]), weight=str(data["weight"]), axis=int(data["axis"]),
-                   bits=int(data["bits"]), bias_correction=bool(data.get("bias_correction", False)))
-
-
-@dataclass(frozen=True, kw_only=True)
-class NodePlan:
+class NodePlan(Schema, frozen=True, kw_only=True):
     """The decision for one node with a role: its precision and the reason for it."""
 
     node: str
@@ -126,33 +69,21 @@ class NodePlan:
     reason: str
     gemm_flops: float = 0.0  # multiply-adds x 2 per sequence at the planning sequence length; 0 for non-GEMMs
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "role": self.role, "layer": self.layer, "precision": self.precision.value,
-                "reason": self.reason, "gemm_flops": self.gemm_flops}
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NodePlan:
-        return cls(node=str(data["node"]), role=str(data["role"]),
-                   layer=None if data["layer"] is None else int(data["layer"]),
-                   precision=Precision(data["precision"]), reason=str(data["reason"]),
-                   gemm_flops=float(data.get("gemm_flops", 0.0)))
+class QuantPlan(Schema, frozen=True, kw_only=True):
+    """Everything the weight and lowering stages need: quantized edges, weights, per-node precision and why."""
 
-
-@dataclass(frozen=True, kw_only=True)
-class QuantPlan:
-    """Everything lowering needs: quantized edges, INT8 weights, per-node precision with reasons."""
-
+    version: int = PLAN_VERSION
     model_name: str
     recipe_name: str
     recipe_sha256: str
-    ranges_sha256: str
+    statistics_digest: str  # model hash and data digest of the Statistics the ranges came from
     model_dtype: Precision  # fp16: the whole graph is converted (FP16 baseline); fp32: left as exported
-    activations: tuple[ActivationQuant, ...]
-    weights: tuple[WeightQuant, ...]
-    nodes: tuple[NodePlan, ...]
     flagged_layers: tuple[int, ...] = ()
     seq_len: int = 128
-    version: int = field(default=PLAN_VERSION)
+    activations: tuple[ActivationEdge, ...]
+    weights: tuple[WeightEdge, ...]
+    nodes: tuple[NodePlan, ...]
 
     @property
     def int8_gemm_flop_share(self) -> float:
@@ -177,29 +108,22 @@ class QuantPlan:
         return {n.node: n.precision.value for n in self.nodes if n.precision != Precision.FP32}
 
     def to_json(self) -> str:
-        data = {
-            "version": self.version,
-            "model_name": self.model_name,
-            "recipe_name": self.recipe_name,
-            "recipe_sha256": self.recipe_sha256,
-            "ranges_sha256": self.ranges_sha256,
-            "model_dtype": self.model_dtype.value,
-            "flagged_layers": list(self.flagged_layers),
-            "seq_len": self.seq_len,
-            "int8_gemm_flop_share": round(self.int8_gemm_flop_share, 6),
-            "activations": [a.to_dict() for a in self.activations],
-            "weights": [w.to_dict() for w in self.weights],
-            "nodes": [n.to_dict() for n in self.nodes],
-        }
-        return canonical_json(data)
+        return to_json(self)
 
-    @classmethod
-    def from_json(cls, text: str) -> QuantPlan:
-        data = versioned_object(text, "QuantPlan", PLAN_VERSION)
-        return cls(model_name=str(data["model_name"]), recipe_name=str(data["recipe_name"]),
-                   recipe_sha256=str(data["recipe_sha256"]), ranges_sha256=str(data["ranges_sha256"]),
-                   model_dtype=Precision(data["model_dtype"]),
-                   activations=tuple(ActivationQuant.from_dict(a) for a in data["activations"]),
-                   weights=tuple(WeightQuant.from_dict(w) for w in data["weights"]),
-                   nodes=tuple(NodePlan.from_dict(n) for n in data["nodes"]),
-                   flagged_layers=tuple(int(i) for i in data["flagged_layers"]), seq_len=int(data["seq_len"]))
+
+def load_plan(text: str | bytes, where: str = "plan.json") -> QuantPlan:
+    """A QuantPlan from JSON, every edge's parameters typed by its registered quantizer (strict)."""
+    from msgspec.structs import replace
+
+    from builder.quant.registry import activation_quantizer, weight_quantizer
+
+    plan = decode_json(text, QuantPlan, where, version=PLAN_VERSION)
+    activations = tuple(
+        replace(a, params=convert(a.params, activation_quantizer(a.quantizer).params_type,
+                                  f"{where} activations[{i}].params ({a.quantizer})"))
+        for i, a in enumerate(plan.activations))
+    weights = tuple(
+        replace(w, config=convert(w.config, weight_quantizer(w.quantizer).config_type,
+                                  f"{where} weights[{i}].config ({w.quantizer})"))
+        for i, w in enumerate(plan.weights))
+    return replace(plan, activations=activations, weights=weights)

@@ -14,8 +14,9 @@ from typing import Any
 
 from builder.graph.report import Role
 from calib.errors import ConfigError, suggest
+from calib.schema import Schema
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 class Precision(StrEnum):
@@ -27,34 +28,20 @@ class Precision(StrEnum):
     FP32 = "fp32"
 
 
-class Scheme(StrEnum):
-    """How an INT8 activation gets its scale (METHODS.md sections 2.2 and 3.3)."""
-
-    TENSOR = "tensor"  # one static scale (HERO SQ, plain W8A8)
-    FEATURE = "feature"  # HERO FWQ: per-feature scales folded into LN gamma/beta and the next weight's rows
-    PEG = "peg"  # Bondarenko per-embedding-group: K groups after a range-sorted permutation
-
-
-class RangeChoice(StrEnum):
-    """Which range an activation Q/DQ uses. ``max`` is always derivable from the observed min and max."""
-
-    TABLE = "table"  # the range the table chose, whatever its method
-    MAX = "max"
-    PERCENTILE = "percentile"
-    ENTROPY = "entropy"
-    MSE = "mse"
-    FIXED = "fixed"  # a range known without calibration (``fixed_amax``, e.g. 1.0 for softmax outputs)
+def _roles(*names: str) -> frozenset[Role]:
+    """The roles of ``names`` that this analysis knows (decoder roles are added to Role as analysis grows)."""
+    return frozenset(Role(n) for n in names if n in Role._value2member_map_)
 
 
 # Roles whose INT8 form quantizes the activation input of a GEMM with a weight initializer.
-WEIGHT_GEMM_ROLES = frozenset({Role.QKV, Role.Q_PROJ, Role.K_PROJ, Role.V_PROJ, Role.ATTN_OUT, Role.FC1, Role.FC2,
-                               Role.GEMM})
+WEIGHT_GEMM_ROLES = _roles("qkv", "q_proj", "k_proj", "v_proj", "attn_out", "fc1", "gate_proj", "up_proj", "fc2",
+                           "lm_head", "gemm")
 # Roles whose INT8 form quantizes both activation operands of a batched MatMul.
-ACT_GEMM_ROLES = frozenset({Role.ATTN_QK, Role.ATTN_PV})
+ACT_GEMM_ROLES = _roles("attn_qk", "attn_pv")
 # Roles whose INT8 form quantizes the node's output for every consumer.
-OUTPUT_ROLES = frozenset({Role.ATTN_SOFTMAX, Role.EMBED_LN, Role.ATTN_LN, Role.FFN_LN, Role.FINAL_LN})
-# Roles that never take INT8 (the residual stream stays 16/32-bit, PLATFORM.md section 4).
-NON_INT8_ROLES = frozenset({Role.ATTN_RESIDUAL, Role.FFN_RESIDUAL, Role.FFN_ACT})
+OUTPUT_ROLES = _roles("attn_softmax", "embed_ln", "attn_ln", "ffn_ln", "final_ln")
+# Roles that never take INT8 (the residual stream stays 16/32-bit).
+NON_INT8_ROLES = _roles("attn_residual", "ffn_residual", "ffn_act")
 
 ROLE_ALIASES: dict[str, Role] = {
     "softmax": Role.ATTN_SOFTMAX,
@@ -64,6 +51,7 @@ ROLE_ALIASES: dict[str, Role] = {
     "wo": Role.ATTN_OUT,
     "ffn_in": Role.FC1,
     "ffn_out": Role.FC2,
+    "down_proj": Role.FC2,
 }
 
 
@@ -136,35 +124,17 @@ class Selector:
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
-    """What a rule sets. ``None`` means "not set by this rule"."""
+    """What a rule sets. ``None`` means "not set by this rule"; a later rule's value replaces an earlier one.
+
+    ``activation`` and ``weight`` are the typed configs of registered quantizers (builder.quant.registry):
+    ``activation`` quantizes the GEMM input (weight GEMMs), both operands (batched attention MatMuls) or the
+    output (LayerNorm, softmax) of a node in INT8; ``weight`` quantizes the weight of an INT8 weight GEMM.
+    """
 
     precision: Precision | None = None
-    range: RangeChoice | None = None
-    percentile: float | None = None  # with range=percentile, e.g. 99.99
-    fixed_amax: float | None = None  # with range=fixed
-    scheme: Scheme | None = None
-    groups: int | None = None  # PEG: number of embedding groups K
-    alpha: float | None = None  # FWQ migration strength: S_j = colmax_j ** alpha
+    activation: Schema | None = None
+    weight: Schema | None = None
     bias_correction: bool | None = None  # INT8 weight GEMMs: empirical bias correction on the calibration data
-    center: bool | None = None  # weight-GEMM inputs: quantize x - c (c = range midpoint), fold c into the bias
-
-    def __post_init__(self) -> None:
-        if self.percentile is not None and not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(f"percentile {self.percentile} is outside (50, 100]")
-        if self.fixed_amax is not None and not self.fixed_amax > 0.0:
-            raise ConfigError(f"fixed_amax {self.fixed_amax} must be a positive number")
-        if self.groups is not None and self.groups < 1:
-            raise ConfigError(f"groups {self.groups} must be at least 1")
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha {self.alpha} is outside [0, 1]")
-        if self.precision in (Precision.FP16, Precision.BF16) and self.scheme in (Scheme.PEG, Scheme.FEATURE):
-            raise ConfigError(
-                f"conflicting settings: precision {self.precision.value} with scheme {self.scheme.value} "
-                "(a scheme applies to INT8 activations only)"
-            )
-        if self.center and self.scheme in (Scheme.PEG, Scheme.FEATURE):
-            raise ConfigError(f"conflicting settings: center with scheme {self.scheme.value} (centering applies to "
-                              "scheme tensor, the plain per-tensor INT8 input of a weight GEMM)")
 
     def merged(self, later: Settings) -> Settings:
         """These settings with every field ``later`` sets taken from ``later`` (last match wins)."""
@@ -172,17 +142,26 @@ class Settings:
         return replace(self, **updates)
 
     def to_dict(self) -> dict[str, Any]:
+        from builder.quant.registry import config_to_dict
+
         data: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is not None:
-                data[f.name] = value.value if isinstance(value, StrEnum) else value
+        if self.precision is not None:
+            data["precision"] = self.precision.value
+        if self.activation is not None:
+            data["activation"] = config_to_dict(self.activation)
+        if self.weight is not None:
+            data["weight"] = config_to_dict(self.weight)
+        if self.bias_correction is not None:
+            data["bias_correction"] = self.bias_correction
         return data
 
 
-FULL_DEFAULTS = Settings(precision=Precision.FP32, range=RangeChoice.MAX, scheme=Scheme.TENSOR, groups=6,
-                         alpha=1.0, fixed_amax=1.0, percentile=99.99, bias_correction=False,
-                         center=False)
+def full_defaults() -> Settings:
+    """Built-in defaults: model precision, static max-range activations, 8-bit RTN weights, no correction."""
+    from builder.quant.rtn import RtnConfig
+    from builder.quant.static import StaticConfig
+
+    return Settings(precision=Precision.FP32, activation=StaticConfig(), weight=RtnConfig(), bias_correction=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,7 +198,7 @@ class Recipe:
     @property
     def resolved_defaults(self) -> Settings:
         """Built-in defaults overlaid with the recipe's own ``defaults``."""
-        return FULL_DEFAULTS.merged(self.defaults)
+        return full_defaults().merged(self.defaults)
 
     @property
     def uses_bias_correction(self) -> bool:
@@ -258,25 +237,19 @@ def selector_from_dict(data: Any, where: str) -> Selector:
 
 
 def settings_from_dict(data: Any, where: str) -> Settings:
-    """Build Settings from parsed YAML/JSON, rejecting unknown keys and values."""
-    allowed = {f.name for f in fields(Settings)}
-    mapping = _mapping(data, where, allowed)
-    kwargs: dict[str, Any] = {}
-    enums: dict[str, type[StrEnum]] = {"precision": Precision, "range": RangeChoice, "scheme": Scheme}
-    for key, value in mapping.items():
-        if key in enums:
-            kwargs[key] = _enum(enums[key], value, f"{where}.{key}")
-        elif key in ("bias_correction", "center"):
-            kwargs[key] = _bool(value, f"{where}.{key}")
-        elif key == "groups":
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"{where}.groups: {value!r} is not an integer")
-            kwargs[key] = value
-        else:
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise ConfigError(f"{where}.{key}: {value!r} is not a number")
-            kwargs[key] = float(value)
-    return Settings(**kwargs)
+    """Build Settings from parsed YAML/JSON, rejecting unknown keys, quantizers and options."""
+    from builder.quant.registry import activation_config, weight_config
+
+    mapping = _mapping(data, where, {f.name for f in fields(Settings)})
+    return Settings(
+        precision=None if mapping.get("precision") is None
+        else _enum(Precision, mapping["precision"], f"{where}.precision"),
+        activation=None if mapping.get("activation") is None
+        else activation_config(mapping["activation"], f"{where}.activation"),
+        weight=None if mapping.get("weight") is None else weight_config(mapping["weight"], f"{where}.weight"),
+        bias_correction=None if mapping.get("bias_correction") is None
+        else _bool(mapping["bias_correction"], f"{where}.bias_correction"),
+    )
 
 
 def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
@@ -288,6 +261,10 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
     if "rules" not in mapping:
         raise ConfigError(f"{where}: missing required key 'rules' (an empty list is allowed)")
     version = mapping.get("version", RECIPE_VERSION)
+    if version == 1:
+        raise ConfigError(f"{where}: recipe version 1 (flat keys scheme, range, center, alpha, groups) is no longer "
+                          "read; write version 2, which names quantizers: `activation: {quantizer: static|centered|"
+                          "fwq|peg, ...}` and `weight: {quantizer: rtn, bits: 8}` (builder/recipes/README.md)")
     if version != RECIPE_VERSION:
         raise ConfigError(f"{where}: recipe version {version!r} not supported; expected {RECIPE_VERSION}")
     rules = []

@@ -1,4 +1,4 @@
-"""Lowering stage (optional, needs calibration data): empirical bias correction of INT8 weight GEMMs.
+"""Weight stage (optional, needs calibration data): empirical bias correction of INT8 weight GEMMs.
 
 Quantizing a GEMM's inputs and weights shifts the mean of its output (Nagel et al. 2019, "Data-Free
 Quantization", section 4.2, the empirical variant; Banner et al. 2019). For every INT8 weight GEMM
@@ -6,7 +6,8 @@ whose output feeds an ``Add`` with a constant bias initializer (``MatMul -> Add(
 the calibration feeds through the FP32 model and the lowered model, takes the per-output-channel mean of
 ``quantized GEMM+bias output - FP32 GEMM+bias output`` over the non-padding tokens and subtracts it from the
 bias. Measuring after the bias ``Add`` keeps whatever an earlier pass folded into the bias (the offset of a
-centered input, :mod:`builder.lower.center`).
+centered input, :mod:`builder.quant.centered`). The shifts become part of the WeightSet, which lowering
+applies (the same float32 arithmetic as here).
 
 Correction is sequential: the GEMMs are grouped into stages by how many corrected GEMMs lie upstream of
 them (for a transformer block: Q/K/V, then the attention output, then FC1, then FC2), and a stage is
@@ -170,7 +171,8 @@ def channel_means(model: onnx.ModelProto, tensors: Sequence[str], feeds: Sequenc
     return {name: sums[name] / counts[name] for name in tensors}
 
 
-def _set_bias(model: onnx.ModelProto, name: str, shift: npt.NDArray[np.float64]) -> float:
+def set_bias(model: onnx.ModelProto, name: str, shift: npt.NDArray[np.float64]) -> float:
+    """Replace bias initializer ``name`` by float32(bias - shift) in place; returns max|shift|."""
     for i, tensor in enumerate(model.graph.initializer):
         if tensor.name == name:
             bias = numpy_helper.to_array(tensor).astype(np.float64)
@@ -185,8 +187,9 @@ def _set_bias(model: onnx.ModelProto, name: str, shift: npt.NDArray[np.float64])
 
 def correct_biases(fp32_model: onnx.ModelProto, lowered_model: onnx.ModelProto, feeds: Iterable[Feed], *,
                    nodes: Collection[str] | None = None, mask_input: str = MASK_INPUT,
-                   threads: int = DEFAULT_THREADS) -> onnx.ModelProto:
-    """A copy of ``lowered_model`` whose GEMM biases absorb the mean output error on ``feeds``.
+                   threads: int = DEFAULT_THREADS) -> tuple[onnx.ModelProto, dict[str, npt.NDArray[np.float64]]]:
+    """A copy of ``lowered_model`` whose GEMM biases absorb the mean output error on ``feeds``, and the
+    per-channel shift subtracted from each corrected GEMM's bias (keyed by GEMM node).
 
     ``nodes`` limits the correction to these GEMM node names (None: every INT8 weight GEMM with a bias Add).
     Each GEMM's bias Add output must carry the same name in ``fp32_model``. ``feeds`` are the calibration
@@ -198,9 +201,10 @@ def correct_biases(fp32_model: onnx.ModelProto, lowered_model: onnx.ModelProto, 
     targets = find_targets(lowered_model, nodes)
     result = onnx.ModelProto()
     result.CopyFrom(lowered_model)
+    shifts: dict[str, npt.NDArray[np.float64]] = {}
     if not targets:
         logger.info("bias correction: no INT8 weight GEMM with a bias Add; nothing to correct")
-        return result
+        return result, shifts
     fp32_tensors = {o for n in fp32_model.graph.node for o in n.output}
     absent = [t.output for t in targets if t.output not in fp32_tensors]
     if absent:
@@ -213,8 +217,9 @@ def correct_biases(fp32_model: onnx.ModelProto, lowered_model: onnx.ModelProto, 
         group = [t for t in targets if t.stage == stage]
         measured = channel_means(result, [t.output for t in group], batches, mask_input=mask_input, threads=threads)
         for t in group:
-            worst = _set_bias(result, t.bias, measured[t.output] - reference[t.output])
+            shifts[t.node] = measured[t.output] - reference[t.output]
+            worst = set_bias(result, t.bias, shifts[t.node])
             logger.debug("bias correction stage %d: %s max |shift| %.3g", stage, t.node, worst)
     logger.info("bias correction: %d GEMM biases corrected in %d sequential stages on %d batches",
                 len(targets), len(stages), len(batches))
-    return result
+    return result, shifts

@@ -1,0 +1,84 @@
+"""Quantizer (weight and lowering stages): OPTQ/GPTQ weights from the Hessian of the GEMM input, optional AXE.
+
+Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ", arXiv 2210.17323 (algorithm 1): the columns of W (our
+rows: one input feature each) are rounded one at a time and each rounding error is spread over the
+not-yet-quantized inputs through the upper Cholesky factor of H^-1, H = 2/n X^T X of the GEMM input X over the
+calibration tokens (dampened by ``percdamp`` * mean(diag H)), in lazy batches of ``lazy_block`` inputs;
+``act_order`` visits inputs by descending diag(H). With ``accumulator_bits`` the AXE constraint (Colbert et al.
+2024, arXiv 2409.17092, section 4) keeps every tile of ``tile`` inputs safe in a signed P-bit accumulator.
+The numerics are calib.weights.optq; here they meet the registry and the stored layout.
+
+H comes from the ``hessian`` observer of the GEMM's input (calib.hessian_observer), collected on the float
+model over the calibration texts (builder.weights.inputs: a second collection pass when the Statistics lack it).
+One K x K matrix per distinct GEMM input; the GEMMs reading one tensor share it. When the input quantizer
+rescales or splits the weight (HERO FWQ, SmoothQuant, PEG), the stage maps H to that view's inputs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from builder.quant.base import WeightContext
+from builder.quant.weight_common import AxeOptions, CalibWeightQuantizer
+from calib.errors import CalibrationError, ConfigError
+from calib.weights import OptqConfig as CalibOptqConfig
+from calib.weights import QuantizedWeight as KnWeight
+from calib.weights import optq
+
+if TYPE_CHECKING:
+    from builder.quant.base import F32
+    from calib.weights.grid import F64
+
+HESSIAN_KIND = "hessian"
+
+
+class OptqConfig(AxeOptions, frozen=True, kw_only=True):
+    """OPTQ options (plus ``bits``, ``block``, ``scale``, ``act_order`` and the AXE options of AxeOptions).
+
+    ``percdamp``: damping percdamp * mean(diag H), 0..10 (default 0.01). ``lazy_block``: inputs per lazy batch
+    update (128). ``static_scales``: with a ``block``, fix every block's scale from the float weight before the
+    pass (otherwise each block's scale is taken from the updated weights when the pass reaches it); always on
+    with ``act_order`` or AXE, which need every scale up front.
+    """
+
+    percdamp: float = 0.01
+    lazy_block: int = 128
+    static_scales: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.calib()  # percdamp and lazy_block ranges
+
+    def calib(self) -> CalibOptqConfig:
+        static = self.static_scales or (self.block is not None
+                                        and (self.act_order or self.accumulator_bits is not None))
+        return CalibOptqConfig(bits=self.bits, block=self.block, scale_method=self.scale_method,
+                               percdamp=self.percdamp, lazy_block=self.lazy_block, act_order=self.act_order,
+                               static_block_scales=static, accumulator=self.target())
+
+
+def input_hessian(ctx: WeightContext, quantizer: str, k: int) -> F64:
+    """OPTQ's H of the GEMM input (from its ``hessian`` statistics), checked to be [K, K]."""
+    stats = ctx.input_statistics
+    if stats is None or HESSIAN_KIND not in stats.observers:
+        tensor = "its input" if stats is None else f"its input {stats.tensor!r}"
+        raise CalibrationError(
+            f"GEMM {ctx.node!r}: weight quantizer {quantizer} needs the Hessian (observer {HESSIAN_KIND!r}) of "
+            f"{tensor}; collect it with builder.pipeline.calibrate_weight_inputs (the CLI does so from the "
+            "calibration-data flags)")
+    matrix: F64 = np.asarray(stats.observers[HESSIAN_KIND].matrix(), dtype=np.float64)
+    if matrix.shape != (k, k):
+        raise ConfigError(f"GEMM {ctx.node!r}: the Hessian of {stats.tensor!r} is {list(matrix.shape)}, the weight "
+                          f"has K={k} inputs (statistics of another model?)")
+    return matrix
+
+
+class OptqQuantizer(CalibWeightQuantizer[OptqConfig]):
+    name = "optq"
+    config_type = OptqConfig
+    observers = (HESSIAN_KIND,)
+
+    def quantize_kn(self, weight: F32, config: OptqConfig, ctx: WeightContext) -> KnWeight:
+        return optq(weight, input_hessian(ctx, self.name, int(weight.shape[0])), config.calib())

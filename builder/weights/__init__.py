@@ -1,0 +1,1 @@
+"""Weight stage: ``quantize_weights(model, plan, statistics) -> WeightSet`` (integer weights and scales)."""
