@@ -1,11 +1,15 @@
 """Evaluation stage: ``evaluate(fp32_model, model, report, data) -> AccuracyReport`` on ONNX Runtime (CPU).
 
-Fidelity (cosine of pooled embeddings to FP32, per-layer residual-stream error), task accuracy (a logistic
-regression probe on VADER movie sentences), similarity (Spearman on the Lee rated pairs), the INT8 GEMM-FLOP
-share, and ONNX Runtime's ``quantize_static`` as the peer baseline (:mod:`builder.evaluate.ort_baseline`).
+Any model: every float output against FP32 (cosine, relative error; top-1 and KL for logits); sentence
+encoders add the VADER probe, Lee Spearman and embedding cosine; causal language models add perplexity over
+fixed windows, next-token agreement and KL, and greedy generation through the KV cache. Also the INT8
+GEMM-FLOP share, the per-layer residual-stream error, and ONNX Runtime's ``quantize_static`` as the peer
+baseline (:mod:`builder.evaluate.ort_baseline`). :func:`builder.evaluate.tokenizer.model_text_encoder` is the
+checked text encoder shared with calibration.
 """
 
-from builder.evaluate.evaluate import EvalData, Reference, evaluate, load_eval_data, prepare_reference
+from builder.evaluate.evaluate import EvalData, evaluate, load_eval_data, reference_report
+from builder.evaluate.reference import Reference, prepare_reference
 from builder.evaluate.report import AccuracyReport, LayerError
 from builder.evaluate.runner import OrtRunner, embed
 
@@ -19,4 +23,5 @@ __all__ = [
     "evaluate",
     "load_eval_data",
     "prepare_reference",
+    "reference_report",
 ]

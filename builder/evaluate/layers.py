@@ -3,25 +3,28 @@
 For each transformer layer two residual-stream tensors are compared with FP32 on the same sentences:
 after the attention sub-block and after the whole block. Post-LN (BERT) blocks carry the stream in the
 LayerNorm outputs (``attn_ln``, ``ffn_ln``); pre-LN (GPT) blocks in the residual sums
-(``attn_residual``, ``ffn_residual``). Padding tokens are excluded.
+(``attn_residual``, ``ffn_residual``); Llama-style decoders are pre-norm too. Padding tokens are excluded.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnx
 
 from builder.evaluate.metrics import ErrorAccumulator
 from builder.evaluate.report import LayerError
-from builder.evaluate.runner import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, OrtRunner, batches, tensor_names
+from builder.evaluate.runner import DEFAULT_BATCH_SIZE, DEFAULT_MAX_LENGTH, Feeds, OrtRunner, batches, tensor_names
 from builder.graph.report import GraphReport, Role
 
 logger = logging.getLogger(__name__)
 
+PRE_NORM_ARCHITECTURES = ("gpt", "llama")  # the residual stream is the residual sums, not the norm outputs
 # (point, post-LN role, pre-LN role)
 _POINT_ROLES = (
     ("attn", Role.ATTN_LN, Role.ATTN_RESIDUAL),
@@ -31,7 +34,7 @@ _POINT_ROLES = (
 
 def stream_tensors(report: GraphReport) -> tuple[tuple[int, str, str], ...]:
     """``(layer, point, tensor)`` for every layer and sub-block point the report names, in layer order."""
-    pre_ln = report.architecture == "gpt"
+    pre_ln = report.architecture in PRE_NORM_ARCHITECTURES
     rows = []
     for layer in range(report.num_layers):
         for point, post_role, pre_role in _POINT_ROLES:
@@ -51,6 +54,17 @@ def layer_errors(
     max_length: int = DEFAULT_MAX_LENGTH,
 ) -> tuple[tuple[LayerError, ...], tuple[str, ...]]:
     """Relative and max-abs error of each residual-stream tensor vs FP32, plus warnings for missing tensors."""
+    feeds = ((feed, feed["attention_mask"]) for _, feed in batches(texts, tokenizer_json, batch_size, max_length))
+    return layer_errors_on(fp32_model, model, report, feeds)
+
+
+def layer_errors_on(
+    fp32_model: onnx.ModelProto,
+    model: onnx.ModelProto,
+    report: GraphReport,
+    feeds: Iterable[tuple[Feeds, npt.NDArray[Any]]],
+) -> tuple[tuple[LayerError, ...], tuple[str, ...]]:
+    """:func:`layer_errors` over ready ``(feeds, attention mask [batch, seq])`` batches (any model)."""
     rows = stream_tensors(report)
     present = tensor_names(model)
     wanted = [t for _, _, t in rows if t in present]
@@ -63,15 +77,19 @@ def layer_errors(
         logger.warning(message)
     acc = {t: ErrorAccumulator() for t in wanted}
     if wanted:
+        # one session at a time: the FP32 tensors (non-padding tokens only) are kept, then the model runs
+        batches_ = list(feeds)
         ref_runner = OrtRunner(fp32_model, extra_outputs=wanted)
+        reference = [[r[np.asarray(mask).astype(bool)] for r in ref_runner.run(feed, wanted)]
+                     for feed, mask in batches_]
+        del ref_runner
         runner = OrtRunner(model, extra_outputs=wanted)
-        for _, feed in batches(texts, tokenizer_json, batch_size, max_length):
-            valid = feed["attention_mask"].astype(bool)
-            ref = ref_runner.run(feed, wanted)
+        for (feed, mask), ref in zip(batches_, reference, strict=True):
+            valid = np.asarray(mask).astype(bool)
             got = runner.run(feed, wanted)
             for name, r, g in zip(wanted, ref, got, strict=True):
                 # [batch, seq, hidden] -> [valid tokens, hidden]
-                acc[name].add(g.astype(np.float32)[valid], r[valid])
+                acc[name].add(g.astype(np.float32)[valid], r)
     table = tuple(
         LayerError(
             layer=layer,

@@ -1,4 +1,4 @@
-"""Evaluation stage: run a (possibly quantized) sentence encoder in ONNX Runtime on the CPU.
+"""Evaluation stage: run a (possibly quantized) model in ONNX Runtime on the CPU; sentence embeddings.
 
 Texts are ordered by length before batching so padding stays small, then results are put back in the caller's
 order. Models that contain our plugin nodes are evaluated through their NumPy references, registered as
@@ -8,7 +8,8 @@ ONNX Runtime custom ops by :mod:`plugins.ort_ops` (optional: a clear error names
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy.typing as npt
 import onnx
 
 from calib.errors import BackendUnavailable, ConfigError, GraphError, suggest
+from calib.text_encoder import EncodedBatch, TextEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ def _session_for(model: onnx.ModelProto, threads: int) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # block-wise INT4 weight DQ + MatMul fuses to MatMulNBits, which by default quantizes its float input to INT8;
+    # keep the input float, as a weight-only (W4A16) engine does
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
     if custom_domains(model):
         try:
             from onnxruntime_extensions import get_library_path
@@ -86,8 +91,9 @@ class OrtRunner:
         missing = [t for t in extra_outputs if t not in produced]
         if missing:
             raise GraphError(f"tensor {missing[0]!r} is not in the model{suggest(missing[0], produced)}")
-        self.model = with_outputs(model, extra_outputs) if extra_outputs else model
-        self.session = _session_for(self.model, threads)
+        self.model = model
+        # the copy with extra outputs lives only while the session is built (a large model is not held twice)
+        self.session = _session_for(with_outputs(model, extra_outputs) if extra_outputs else model, threads)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
 
@@ -152,4 +158,66 @@ def embed(
         if not np.all(np.isfinite(emb)):
             raise GraphError(f"the model produced non-finite embeddings for rows {rows[:4].tolist()}...")
     assert out is not None  # batches() rejects empty input
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pooling:
+    """Where a sentence embedding comes from: a pooled output as is, or the masked mean of a hidden state."""
+
+    output: str
+    mean: bool  # True: attention-masked mean over the sequence of a [batch, seq, hidden] output, L2-normalized
+
+    @property
+    def description(self) -> str:
+        if self.mean:
+            return f"masked mean of output {self.output!r}, L2-normalized"
+        return f"output {self.output!r}"
+
+    def apply(self, values: npt.NDArray[Any], mask: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """Embeddings ``[batch, hidden]`` from the output ``values`` of one batch."""
+        x = np.asarray(values, dtype=np.float32)
+        if not self.mean:
+            return x.reshape(x.shape[0], -1)
+        m = mask.astype(np.float32)[:, :, None]
+        pooled = (x * m).sum(axis=1) / np.maximum(m.sum(axis=1), np.float32(1e-9))
+        norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), np.float32(1e-12))
+        return np.asarray(pooled / norms, dtype=np.float32)
+
+
+def encoder_batches(
+    encoder: TextEncoder, texts: Sequence[str], batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> Iterator[tuple[npt.NDArray[np.int64], EncodedBatch]]:
+    """Batches of ``texts`` in length order (as :func:`batches`), each with the indices of its rows."""
+    if not texts:
+        raise ConfigError("no texts to evaluate")
+    order = length_order(texts)
+    for start in range(0, len(texts), batch_size):
+        rows = order[start:start + batch_size]
+        yield rows, encoder.encode([texts[int(i)] for i in rows], max_length)
+
+
+def embed_texts(
+    runner: OrtRunner,
+    encoder: TextEncoder,
+    texts: Sequence[str],
+    pooling: Pooling,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    step: Callable[[int], None] | None = None,
+) -> npt.NDArray[np.float32]:
+    """Sentence embeddings ``[len(texts), hidden]`` through ``pooling``; ``step(1)`` after each batch."""
+    out: npt.NDArray[np.float32] | None = None
+    for rows, batch in encoder_batches(encoder, texts, batch_size, max_length):
+        (values,) = runner.run(batch.feeds, [pooling.output])
+        emb = pooling.apply(values, batch.mask)
+        if out is None:
+            out = np.zeros((len(texts), emb.shape[-1]), dtype=np.float32)
+        out[rows] = emb
+        if not np.all(np.isfinite(emb)):
+            raise GraphError(f"the model produced non-finite embeddings for rows {rows[:4].tolist()}...")
+        if step is not None:
+            step(1)
+    assert out is not None  # encoder_batches rejects empty input
     return out

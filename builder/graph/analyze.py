@@ -1,96 +1,60 @@
-"""Analysis stage: ``analyze(model) -> GraphReport`` for BERT-style (post-LN) and GPT-style (pre-LN) graphs.
+"""Analysis stage: ``analyze(model) -> GraphReport`` for post-norm encoders and pre-norm decoders.
 
 Layers are found by walking the residual stream, not by parsing node names::
 
-    post-LN (BERT)   h -> [attn branch] -> Add -> LN -> [ffn branch] -> Add -> LN -> h'
-                     '--------------------'     '----------------------'
-    pre-LN  (GPT)    x -> [LN -> attn branch] -> Add -> [LN -> ffn branch] -> Add -> x'   ... final LN
-                     '------------------------'     '-----------------------'
+    post-norm (BERT)    h -> [attn branch] -> Add -> LN -> [ffn branch] -> Add -> LN -> h'
+                        '--------------------'     '----------------------'
+    pre-norm (GPT-2,    x -> [norm -> attn branch] -> Add -> [norm -> ffn branch] -> Add -> x'  ... final norm
+              Llama)    '--------------------------'     '-------------------------'            -> lm_head
 
 A residual Add is ``skip + f(skip)`` with a weight GEMM inside ``f``. A branch holding an attention core
-(QK^T MatMul -> Softmax -> PV MatMul) opens a new layer; the next branch without one is that layer's FFN.
-Inside the attention branch, projections are told apart by which of Q, K^T and V they feed; inside the FFN
-branch, fc2 is the GEMM that feeds the residual and fc1 every GEMM feeding another. Weight GEMMs outside any
-recognised block keep the generic role ``gemm`` (with a warning), so unknown architectures still get roles.
+(QK^T MatMul -> Softmax -> PV MatMul) opens a new layer; the next branch without one is that layer's FFN
+(roles inside a branch: :mod:`builder.graph.blocks`). The norm kind (LayerNorm or RMSNorm) and its place
+decide the architecture. Weight GEMMs outside any recognised block keep the generic role ``gemm`` (with a
+warning), except the vocabulary projection after the last block (``lm_head``).
+
+Analysis fails up front (GraphError naming the node) on what later stages could not handle: fused ops that
+hide the roles (ONNX Runtime transformer-optimized or already quantized graphs) and weights that are not
+plain float initializers (weight-only quantized: fold them with :mod:`builder.intake.dequantize`). It reads
+initializer shapes and types only, never weight values, so external data need not be loaded.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import onnx
+from onnx import TensorProto
 
+from builder.graph.blocks import Block, Collector, assign_block, assign_norms
+from builder.graph.norms import find_norms
 from builder.graph.patterns import (
-    LAYOUT_OPS,
     AttentionCore,
-    LayerNormMatch,
     Residual,
-    WeightGemm,
     find_attention_cores,
-    find_layer_norms,
     find_residuals,
-    find_weight_gemms,
+    find_rotaries,
+    opaque_nodes,
+    reshape_tail,
 )
-from builder.graph.report import GraphReport, Role, RoleAssignment
+from builder.graph.report import GraphReport, Role
 from builder.graph.topology import GraphIndex
+from builder.graph.weights import WeightGemm, WeightKind, find_weight_gemms
 from calib.errors import GraphError
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class _Block:
-    """One residual branch on the stream: attention (``core`` set) or FFN."""
-
-    residual: Residual
-    layer: int
-    core: AttentionCore | None
-
-
-@dataclass
-class _Collector:
-    """Mutable scratch state of one analysis: anchor node id -> assignment."""
-
-    g: GraphIndex
-    found: dict[int, RoleAssignment]
-
-    def add(
-        self,
-        anchor: int,
-        role: Role,
-        layer: int | None,
-        *,
-        inputs: tuple[str, ...] | None = None,
-        members: tuple[int, ...] = (),
-        op_type: str | None = None,
-        weight: str | None = None,
-        weight_axis: int | None = None,
-    ) -> None:
-        node = self.g.nodes[anchor]
-        if inputs is None:
-            inputs = tuple(t for t in node.input if t and not self.g.is_const(t))
-        self.found[anchor] = RoleAssignment(
-            node=node.name,
-            op_type=op_type or node.op_type,
-            role=role,
-            layer=layer,
-            inputs=inputs,
-            outputs=tuple(t for t in node.output if t),
-            weight=weight,
-            weight_axis=weight_axis,
-            members=tuple(self.g.nodes[m].name for m in members),
-        )
-
-    def gemm(self, gemm: WeightGemm, role: Role, layer: int | None) -> None:
-        self.add(gemm.node, role, layer, inputs=(gemm.x,), weight=gemm.weight, weight_axis=gemm.weight_axis)
+FOLD_HINT = ("fold the weights back to float first with builder.intake.dequantize.fold_weight_dequantization "
+             "(they are then re-quantized by the recipe)")
 
 
 def analyze(model: onnx.ModelProto, name: str = "model") -> GraphReport:
     """Find layers and the role of every recognised node of ``model`` (see the module docstring)."""
     g = GraphIndex.build(model.graph)
     _check_names(g)
+    _refuse_opaque(g, name)
     gemms = find_weight_gemms(g)
+    _refuse_weights(g, gemms, name)
     if not gemms:
         matmuls = sum(1 for n in g.nodes if n.op_type in ("MatMul", "Gemm"))
         detail = f"its {matmuls} MatMul/Gemm nodes all multiply two activations" if matmuls else "no MatMul/Gemm"
@@ -98,11 +62,14 @@ def analyze(model: onnx.ModelProto, name: str = "model") -> GraphReport:
     gemm_ids = frozenset(w.node for w in gemms)
     cores = find_attention_cores(g, gemm_ids)
     blocks, warnings = _walk_stream(g, find_residuals(g, gemm_ids), cores, gemm_ids)
-    out = _Collector(g, {})
+    out = Collector(g, {})
     by_node = {w.node: w for w in gemms}
+    rotaries = find_rotaries(g)
     for block in blocks:
-        _assign_block(out, block, by_node)
-    architecture = _assign_layer_norms(out, find_layer_norms(g), blocks)
+        assign_block(out, block, by_node, rotaries)
+    architecture = assign_norms(out, find_norms(g), blocks)
+    hidden = _hidden_size(out, by_node)
+    _assign_lm_head(out, gemms, blocks, hidden, frozenset(o.name for o in model.graph.output))
     leftovers = [w for w in gemms if w.node not in out.found]
     for w in leftovers:
         out.gemm(w, Role.GEMM, None)
@@ -115,20 +82,18 @@ def analyze(model: onnx.ModelProto, name: str = "model") -> GraphReport:
         )
     elif architecture == "unknown":
         warnings.append(
-            f"{num_layers} transformer blocks found but no LayerNorm on the residual stream "
-            "(RMSNorm or another normalization is not recognised); those nodes get no role"
+            f"{num_layers} transformer blocks found but no LayerNorm or RMSNorm on the residual stream "
+            "(another normalization is not recognised); those nodes get no role"
         )
     if num_layers and leftovers:
         warnings.append(f"{len(leftovers)} weight GEMM(s) outside the recognised blocks get the generic role 'gemm'")
     for text in warnings:
         logger.warning("%s: %s", name, text)
+    heads, kv_heads, head_dim = _attention_geometry(g, out, blocks, by_node, hidden)
     return GraphReport(
-        model_name=name,
-        architecture=architecture,
-        num_layers=num_layers,
-        hidden_size=_hidden_size(out, by_node),
-        assignments=tuple(out.found[k] for k in sorted(out.found)),
-        warnings=tuple(warnings),
+        model_name=name, architecture=architecture, num_layers=num_layers, hidden_size=hidden,
+        assignments=tuple(out.found[k] for k in sorted(out.found)), num_heads=heads, num_kv_heads=kv_heads,
+        head_dim=head_dim, warnings=tuple(warnings),
     )
 
 
@@ -142,11 +107,47 @@ def _check_names(g: GraphIndex) -> None:
         )
 
 
+def _refuse_opaque(g: GraphIndex, name: str) -> None:
+    found = opaque_nodes(g)
+    if found:
+        i, why = found[0]
+        node = g.nodes[i]
+        domain = f"{node.domain}::" if node.domain else ""
+        more = f" (and {len(found) - 1} more such nodes)" if len(found) > 1 else ""
+        raise GraphError(
+            f"model {name!r}: node {node.name!r} ({domain}{node.op_type}) is {why}{more}; analysis needs the "
+            "float graph with attention as MatMul/Softmax/MatMul (export with eager attention, without ONNX "
+            "Runtime's transformer optimizer or quantizer)"
+        )
+
+
+def _refuse_weights(g: GraphIndex, gemms: tuple[WeightGemm, ...], name: str) -> None:
+    for kind in (WeightKind.DEQUANTIZED, WeightKind.COMPUTED):
+        bad = [w for w in gemms if w.kind == kind]
+        if not bad:
+            continue
+        w = bad[0]
+        chain = " -> ".join(g.nodes[j].op_type for j in w.path)
+        more = f" (and {len(bad) - 1} more GEMMs)" if len(bad) > 1 else ""
+        node = g.nodes[w.node].name
+        if kind == WeightKind.DEQUANTIZED:
+            dtype = TensorProto.DataType.Name(g.const_dtype(w.weight) or 0)
+            raise GraphError(
+                f"model {name!r}: GEMM {node!r}{more} reads a weight-only quantized weight ({dtype} initializer "
+                f"{w.weight!r} -> {chain}); {FOLD_HINT}"
+            )
+        raise GraphError(
+            f"model {name!r}: GEMM {node!r}{more} computes its weight from initializer {w.weight!r} through "
+            f"{chain}; fold the constant arithmetic into the initializer first (for example with onnxruntime's "
+            "graph optimizer or onnxscript's constant folding)"
+        )
+
+
 def _walk_stream(
     g: GraphIndex, residuals: tuple[Residual, ...], cores: tuple[AttentionCore, ...], gemm_ids: frozenset[int]
-) -> tuple[list[_Block], list[str]]:
+) -> tuple[list[Block], list[str]]:
     """Order the residual branches along the stream and number the layers."""
-    blocks: list[_Block] = []
+    blocks: list[Block] = []
     warnings: list[str] = []
     layer = -1
     previous: Residual | None = None
@@ -160,7 +161,7 @@ def _walk_stream(
             warnings.append(
                 f"residual stream is not a single chain at {g.nodes[res.add].name!r}; layer numbers follow graph order"
             )
-        blocks.append(_Block(res, layer, core))
+        blocks.append(Block(res, layer, core))
         previous = res
     return blocks, warnings
 
@@ -174,100 +175,56 @@ def _follows(g: GraphIndex, previous: Residual, current: Residual, gemm_ids: fro
     return bool(path) and not path & gemm_ids
 
 
-def _assign_block(out: _Collector, block: _Block, gemms: dict[int, WeightGemm]) -> None:
-    g, res, layer = out.g, block.residual, block.layer
-    inside = [gemms[i] for i in sorted(res.branch_nodes & frozenset(gemms))]
-    if block.core is not None:
-        core = block.core
-        out.add(core.qk, Role.ATTN_QK, layer)
-        out.add(core.softmax, Role.ATTN_SOFTMAX, layer)
-        out.add(core.pv, Role.ATTN_PV, layer)
-        out.add(res.add, Role.ATTN_RESIDUAL, layer)
-        feeds = {
-            "q": g.ancestors([core.q], res.branch_nodes),
-            "k": g.ancestors([core.k], res.branch_nodes),
-            "v": g.ancestors([core.v], res.branch_nodes),
-        }
-        after_pv = g.descendants([g.nodes[core.pv].output[0]], res.branch_nodes)
-        single = {"q": Role.Q_PROJ, "k": Role.K_PROJ, "v": Role.V_PROJ}
-        for w in inside:
-            hits = [key for key, nodes in feeds.items() if w.node in nodes]
-            if len(hits) > 1:
-                out.gemm(w, Role.QKV, layer)
-            elif hits:
-                out.gemm(w, single[hits[0]], layer)
-            elif w.node in after_pv:
-                out.gemm(w, Role.ATTN_OUT, layer)
+def _assign_lm_head(out: Collector, gemms: tuple[WeightGemm, ...], blocks: list[Block], hidden: int | None,
+                    outputs: frozenset[str]) -> None:
+    """LM_HEAD: a weight GEMM after the last block, wider than the hidden size, whose output reaches a graph
+    output without another weight GEMM (the vocabulary projection, tied to the embedding or not)."""
+    if not blocks or hidden is None:
         return
-    out.add(res.add, Role.FFN_RESIDUAL, layer)
-    inside_ids = frozenset(w.node for w in inside)
-    fc1 = [w for w in inside if g.descendants([w.out], res.branch_nodes) & inside_ids]
-    fc2 = [w for w in inside if w not in fc1]
-    for w in fc1:
-        out.gemm(w, Role.FC1, layer)
-    for w in fc2:
-        out.gemm(w, Role.FC2, layer)
-        _assign_activation(out, w, fc1, block)
-
-
-def _assign_activation(out: _Collector, fc2: WeightGemm, fc1: list[WeightGemm], block: _Block) -> None:
-    """FFN_ACT: the nodes between the fc1 outputs and fc2's input; anchor = the last non-layout one."""
     g = out.g
-    fc1_nodes = {w.node for w in fc1} | {w.bias_add for w in fc1 if w.bias_add is not None}
-    sources = [w.out for w in fc1]
-    members = g.descendants(sources, block.residual.branch_nodes) & g.ancestors([fc2.x]) - fc1_nodes
-    anchor = g.producer_of(fc2.x)
-    while anchor is not None and anchor in members and g.nodes[anchor].op_type in LAYOUT_OPS:
-        anchor = g.producer_of(g.nodes[anchor].input[0])
-    if anchor is None or anchor not in members:
-        return
-    ops = {g.nodes[m].op_type for m in members}
-    op_type = g.nodes[anchor].op_type
-    if len(members - {k for k in members if g.nodes[k].op_type in LAYOUT_OPS}) > 1:
-        op_type = "Gelu(decomposed)" if ops & {"Erf", "Tanh"} else "Activation(decomposed)"
-    inputs = tuple(t for t in sources if any(m in members for m in g.consumers_of(t)))
-    out.add(anchor, Role.FFN_ACT, block.layer, inputs=inputs, members=tuple(sorted(members)), op_type=op_type)
-
-
-def _assign_layer_norms(out: _Collector, norms: tuple[LayerNormMatch, ...], blocks: list[_Block]) -> str:
-    """Give each LayerNorm its role; return the architecture: "gpt" (an LN inside the first branch: pre-LN),
-    "bert" (an LN on a residual Add's output: post-LN) or "unknown" (blocks without a recognised LayerNorm)."""
-    g = out.g
-    if not blocks:
-        return "unknown"
-    pre_ln = any(set(ln.members) & blocks[0].residual.branch_nodes for ln in norms)
-    after = {g.nodes[b.residual.add].output[0]: b for b in blocks}
-    first_skip = blocks[0].residual.skip
-    for ln in norms:
-        role: Role | None = None
-        layer: int | None = None
-        inside = next((b for b in blocks if set(ln.members) & b.residual.branch_nodes), None)
-        if inside is not None:
-            role = Role.ATTN_LN if inside.core is not None else Role.FFN_LN
-            layer = inside.layer
-        elif ln.x in after:
-            block = after[ln.x]
-            layer = block.layer
-            if block.core is not None:
-                role = Role.ATTN_LN
-            elif pre_ln and block is blocks[-1]:
-                role, layer = Role.FINAL_LN, None
-            else:
-                role = Role.FFN_LN
-        elif ln.out == first_skip or (ln.anchor < blocks[0].residual.add and not pre_ln):
-            role = Role.EMBED_LN
-        if role is None:
+    after = g.descendants([g.nodes[blocks[-1].residual.add].output[0]])
+    gemm_ids = frozenset(w.node for w in gemms)
+    for w in gemms:
+        if w.node in out.found or w.node not in after or w.out_features <= hidden:
             continue
-        op_type = "LayerNormalization" if ln.fused else "LayerNorm(decomposed)"
-        members = ln.members if not ln.fused else ()
-        out.add(ln.anchor, role, layer, inputs=(ln.x,), members=members, op_type=op_type)
-    if pre_ln:
-        return "gpt"
-    return "bert" if any(ln.x in after for ln in norms) else "unknown"
+        downstream = g.descendants([w.out])
+        reaches = w.out in outputs or any(o in outputs for j in downstream for o in g.nodes[j].output)
+        if reaches and not downstream & gemm_ids:
+            out.gemm(w, Role.LM_HEAD, None)
 
 
-def _hidden_size(out: _Collector, gemms: dict[int, WeightGemm]) -> int | None:
+def _hidden_size(out: Collector, gemms: dict[int, WeightGemm]) -> int | None:
     for anchor, assignment in sorted(out.found.items()):
         if assignment.role in (Role.QKV, Role.Q_PROJ, Role.K_PROJ, Role.V_PROJ) and anchor in gemms:
             return gemms[anchor].in_features
     return None
+
+
+def _attention_geometry(g: GraphIndex, out: Collector, blocks: list[Block], gemms: dict[int, WeightGemm],
+                        hidden: int | None) -> tuple[int | None, int | None, int | None]:
+    """(query heads, key/value heads, head dimension) of the first attention block, where the graph tells.
+
+    The head dimension is the last entry of the constant target shape that splits Q into heads
+    (``Reshape(q, [b, s, heads | -1, head_dim])``); head counts are projection widths over it.
+    """
+    block = next((b for b in blocks if b.core is not None), None)
+    if block is None or block.core is None:
+        return None, None, None
+    head_dim = None
+    for j in sorted(g.ancestors([block.core.q], block.residual.branch_nodes)):
+        if g.nodes[j].op_type == "Reshape":
+            _, head_dim = reshape_tail(g, j)
+            if head_dim is not None:
+                break
+    if head_dim is None:
+        return None, None, None
+    widths = {a.role: gemms[k].out_features for k, a in out.found.items()
+              if a.layer == block.layer and k in gemms}
+    if Role.QKV in widths and hidden is not None:
+        kv_width = (widths[Role.QKV] - hidden) // 2
+        return _heads(hidden, head_dim), _heads(kv_width, head_dim), head_dim
+    return _heads(widths.get(Role.Q_PROJ), head_dim), _heads(widths.get(Role.K_PROJ), head_dim), head_dim
+
+
+def _heads(width: int | None, head_dim: int) -> int | None:
+    return width // head_dim if width is not None and width > 0 and width % head_dim == 0 else None

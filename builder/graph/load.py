@@ -1,6 +1,6 @@
 """Graph intake stage: read an ONNX model from disk and validate it before any expensive work.
 
-Error policy (exit codes of DESIGN.md section 7):
+Error policy (the CLI's exit codes, calib/errors.py):
 
 - a file that does not exist -- the model itself or an external-data file it references -- is a usage
   error: :class:`ConfigError`, exit 2;
@@ -28,11 +28,17 @@ logger = logging.getLogger(__name__)
 MIN_OPSET = 13
 MAX_OPSET = 23
 SUPPORTED_OPSETS = range(MIN_OPSET, MAX_OPSET + 1)  # default ONNX domain ("" / "ai.onnx")
-_PROTOBUF_LIMIT_BYTES = 2**31 - 1
+SMALL_TENSOR_BYTES = 1024  # onnx.save's default size_threshold: larger tensors are weights
 
 
-def load_model(path: Path) -> onnx.ModelProto:
-    """Load ``path`` with its external data, check it, and give every node a unique name."""
+def load_model(path: Path, *, weights: bool = True) -> onnx.ModelProto:
+    """Load ``path``, check it, and give every node a unique name.
+
+    With ``weights=False`` tensors kept in external data stay references (their files are checked to exist and
+    be long enough), except constants of at most :data:`SMALL_TENSOR_BYTES` (shapes, epsilons, exponents),
+    which are read: enough for :func:`builder.graph.analyze.analyze`, which reads weight shapes and types
+    only, so a model over 2 GB is analyzed without reading its weights.
+    """
     path = Path(path)
     _check_file(path)
     try:
@@ -42,19 +48,30 @@ def load_model(path: Path) -> onnx.ModelProto:
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise GraphError(f"{path} is not an ONNX model: it has no graph nodes (truncated or not ONNX?)")
     check_opset(model, str(path))
-    _check_external_data(model, path.parent, path)
-    external_data_helper.load_external_data_for_model(model, str(path.parent))
-    try:
-        if model.ByteSize() < _PROTOBUF_LIMIT_BYTES:
-            onnx.checker.check_model(model)
+    if _check_external_data(model, path.parent, path):
+        if weights:
+            external_data_helper.load_external_data_for_model(model, str(path.parent))
         else:
-            onnx.checker.check_model(str(path))
+            _load_small_external_tensors(model, path.parent)
+    try:  # by path: the checker parses the file in C++ (external tensors only located, never read) instead of
+        # a serialized copy of the in-memory model
+        onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise GraphError(f"{path} fails the ONNX checker: {str(exc).strip().splitlines()[0]}") from exc
     renamed = name_nodes(model)
     if renamed:
         logger.info("named %d unnamed or duplicate nodes in %s", renamed, path)
     return model
+
+
+def _load_small_external_tensors(model: onnx.ModelProto, base_dir: Path) -> None:
+    for tensor in _all_tensors(model.graph):
+        if external_data_helper.uses_external_data(tensor):
+            length = external_data_helper.ExternalDataInfo(tensor).length
+            if length is not None and int(length) <= SMALL_TENSOR_BYTES:
+                external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
 
 
 def _check_file(path: Path) -> None:
@@ -82,11 +99,13 @@ def check_opset(model: onnx.ModelProto, where: str = "model") -> int:
     return opset
 
 
-def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> None:
-    """Every external-data file must exist and hold the bytes the model points at."""
+def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> int:
+    """Every external-data file must exist and hold the bytes the model points at; return how many tensors use one."""
+    count = 0
     for tensor in _all_tensors(model.graph):
         if not external_data_helper.uses_external_data(tensor):
             continue
+        count += 1
         info = external_data_helper.ExternalDataInfo(tensor)
         location = base_dir / info.location
         if not location.is_file():
@@ -102,6 +121,7 @@ def _check_external_data(model: onnx.ModelProto, base_dir: Path, path: Path) -> 
                     f"{path}: external data file {location} is truncated ({size} bytes; tensor "
                     f"{tensor.name!r} needs bytes up to {needed})"
                 )
+    return count
 
 
 def _all_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:

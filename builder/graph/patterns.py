@@ -1,11 +1,16 @@
 """Analysis stage: local patterns of a transformer graph, each found structurally (never by node name).
 
-- weight GEMMs: ``MatMul(x, W)`` / ``Gemm(x, W)`` with ``W`` an initializer (optionally behind a Transpose),
-  plus an optional bias ``Add`` right after;
-- LayerNorms: the ``LayerNormalization`` op, or the decomposed ``ReduceMean -> Sub -> Pow|Mul -> ReduceMean
-  -> Add(eps) -> Sqrt -> Div|Reciprocal+Mul [-> Mul(gamma)] [-> Add(beta)]``;
-- attention cores: ``MatMul(Q, K^T) [-> Div|Mul scale] [-> Add mask | Where] -> Softmax -> MatMul(P, V)``;
-- residual Adds: ``Add(skip, f(skip))`` where the branch ``f`` contains a weight GEMM.
+Weight GEMMs live in :mod:`builder.graph.weights`, normalizations in :mod:`builder.graph.norms`; here:
+
+- attention cores: ``MatMul(Q, K^T) [-> Div|Mul scale] [-> Add mask | Where] -> Softmax -> MatMul(P, V)``
+  (with grouped-query attention K and V reach the MatMuls through Unsqueeze/Expand/Reshape: the repeat);
+- rotary position embeddings (Su et al. 2021, arXiv 2104.09864, eq. 34, as Hugging Face writes it)::
+
+      x * cos + rotate_half(x) * sin        rotate_half(x) = Concat(-x[..., d/2:], x[..., :d/2])
+
+  or the fused ``RotaryEmbedding`` op (ONNX opset 23, ONNX Runtime contrib);
+- residual Adds: ``Add(skip, f(skip))`` where the branch ``f`` contains a weight GEMM;
+- fused ops that hide the roles analysis needs (refused up front: see :data:`OPAQUE_OPS`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from builder.graph.report import Operand
 from builder.graph.topology import GraphIndex
 
 # element-wise or layout ops allowed between QK^T and Softmax (scale, mask, casts)
@@ -25,28 +31,6 @@ LAYOUT_OPS = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze
 
 
 @dataclass(frozen=True)
-class WeightGemm:
-    """A GEMM with a constant weight."""
-
-    node: int
-    x: str  # activation input
-    weight: str  # initializer name
-    weight_axis: int  # axis of the initializer that keeps one scale per output channel
-    in_features: int
-    bias_add: int | None  # Add node adding a constant bias right after the GEMM
-    out: str  # output of the unit (after the bias Add when there is one)
-
-
-@dataclass(frozen=True)
-class LayerNormMatch:
-    anchor: int  # node producing the normalized output
-    x: str
-    out: str
-    members: tuple[int, ...]  # every node of the pattern, in graph order
-    fused: bool
-
-
-@dataclass(frozen=True)
 class AttentionCore:
     qk: int
     softmax: int
@@ -54,6 +38,7 @@ class AttentionCore:
     q: str  # QK MatMul input 0
     k: str  # QK MatMul input 1 (K^T)
     v: str  # PV MatMul input that is not the probabilities
+    pv_operands: tuple[Operand, Operand]  # ("p", "v") or ("v", "p"): the PV MatMul's inputs in order
 
 
 @dataclass(frozen=True)
@@ -62,101 +47,6 @@ class Residual:
     skip: str
     branch: str
     branch_nodes: frozenset[int]  # nodes on data paths from skip to branch (the Add excluded)
-
-
-def find_weight_gemms(g: GraphIndex) -> tuple[WeightGemm, ...]:
-    found: list[WeightGemm] = []
-    for i, node in enumerate(g.nodes):
-        if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or g.is_const(node.input[0]):
-            continue
-        weight_info = _weight_of(g, i)
-        if weight_info is None:
-            continue
-        weight, axis, in_features = weight_info
-        bias_add = _bias_add(g, node.output[0])
-        out = g.nodes[bias_add].output[0] if bias_add is not None else node.output[0]
-        found.append(WeightGemm(i, node.input[0], weight, axis, in_features, bias_add, out))
-    return tuple(found)
-
-
-def _weight_of(g: GraphIndex, i: int) -> tuple[str, int, int] | None:
-    """(initializer, output-channel axis, K) of GEMM ``i``, or None if its B input is not a constant weight."""
-    node = g.nodes[i]
-    b = node.input[1]
-    transposed = False
-    shape = g.const_shape(b)
-    if shape is None:  # Transpose(W) of a 2-D initializer swaps the axes
-        j = g.producer_of(b)
-        if j is None or g.nodes[j].op_type != "Transpose" or g.const_shape(g.nodes[j].input[0]) is None:
-            return None
-        perm = [list(a.ints) for a in g.nodes[j].attribute if a.name == "perm"]
-        src_shape = g.const_shape(g.nodes[j].input[0])
-        if src_shape is None or len(src_shape) != 2 or perm not in ([], [[1, 0]]):
-            return None
-        b, shape, transposed = g.nodes[j].input[0], src_shape, True
-    if len(shape) < 2:
-        return None
-    if node.op_type == "Gemm":
-        trans_b = any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        trans_b ^= transposed
-        return (b, 0 if trans_b else 1, shape[1] if trans_b else shape[0])
-    last = len(shape) - 1
-    if transposed:  # MatMul(x, Transpose(W[N, K])): channels on axis 0 of W
-        return (b, 0, shape[1])
-    return (b, last, shape[last - 1])
-
-
-def _bias_add(g: GraphIndex, out: str) -> int | None:
-    j = g.sole_consumer(out)
-    if j is None or g.nodes[j].op_type != "Add":
-        return None
-    other = [t for t in g.nodes[j].input if t != out]
-    return j if len(other) == 1 and g.is_const(other[0]) else None
-
-
-def find_layer_norms(g: GraphIndex) -> tuple[LayerNormMatch, ...]:
-    found: list[LayerNormMatch] = []
-    for i, node in enumerate(g.nodes):
-        if node.op_type == "LayerNormalization":
-            found.append(LayerNormMatch(i, node.input[0], node.output[0], (i,), True))
-        elif node.op_type == "ReduceMean":
-            match = _decomposed_layer_norm(g, i)
-            if match is not None:
-                found.append(match)
-    return tuple(found)
-
-
-def _decomposed_layer_norm(g: GraphIndex, mean: int) -> LayerNormMatch | None:
-    x = g.nodes[mean].input[0]
-    mean_out = g.nodes[mean].output[0]
-    sub = next((j for j in g.consumers_of(mean_out)
-                if g.nodes[j].op_type == "Sub" and list(g.nodes[j].input) == [x, mean_out]), None)
-    if sub is None:
-        return None
-    d = g.nodes[sub].output[0]
-    for j in g.consumers_of(d):
-        node = g.nodes[j]
-        other = [t for t in node.input if t != d]
-        if node.op_type not in ("Div", "Mul") or len(other) != 1 or g.is_const(other[0]):
-            continue
-        if node.op_type == "Div" and node.input[0] != d:
-            continue
-        std_path = g.between(d, other[0])
-        if not any(g.nodes[k].op_type == "ReduceMean" for k in std_path):
-            continue
-        members = {mean, sub, j, *std_path}
-        out = node.output[0]
-        for op in ("Mul", "Add"):  # optional gamma, then beta
-            k = g.sole_consumer(out)
-            if k is None or g.nodes[k].op_type != op:
-                continue
-            rest = [t for t in g.nodes[k].input if t != out]
-            if len(rest) == 1 and g.is_const(rest[0]):
-                members.add(k)
-                out = g.nodes[k].output[0]
-        anchor = g.producer[out]
-        return LayerNormMatch(anchor, x, out, tuple(sorted(members)), False)
-    return None
 
 
 def find_attention_cores(g: GraphIndex, weight_gemms: frozenset[int]) -> tuple[AttentionCore, ...]:
@@ -169,8 +59,10 @@ def find_attention_cores(g: GraphIndex, weight_gemms: frozenset[int]) -> tuple[A
         if qk is None or pv is None:
             continue
         probs_side = g.ancestors([g.nodes[pv].input[0]]) if g.nodes[pv].input[0] not in g.constants else frozenset()
-        v = g.nodes[pv].input[1] if i in probs_side else g.nodes[pv].input[0]
-        found.append(AttentionCore(qk, i, pv, g.nodes[qk].input[0], g.nodes[qk].input[1], v))
+        p_first = i in probs_side
+        v = g.nodes[pv].input[1] if p_first else g.nodes[pv].input[0]
+        operands: tuple[Operand, Operand] = ("p", "v") if p_first else ("v", "p")
+        found.append(AttentionCore(qk, i, pv, g.nodes[qk].input[0], g.nodes[qk].input[1], v, operands))
     return tuple(found)
 
 
@@ -214,3 +106,112 @@ def find_residuals(g: GraphIndex, weight_gemms: frozenset[int]) -> tuple[Residua
                 confirmed.add(i)
                 break
     return tuple(found)
+
+
+# Fused ops whose insides (attention core, residual + norm, weight dequantization) analysis cannot see; an
+# ONNX Runtime transformer-optimized or already-quantized graph is refused with the node named.
+OPAQUE_OPS: dict[str, str] = {
+    "Attention": "a fused attention op (QK^T, softmax and PV are not visible)",
+    "MultiHeadAttention": "a fused attention op (QK^T, softmax and PV are not visible)",
+    "GroupQueryAttention": "a fused attention op (QK^T, softmax and PV are not visible)",
+    "PackedAttention": "a fused attention op (QK^T, softmax and PV are not visible)",
+    "PackedMultiHeadAttention": "a fused attention op (QK^T, softmax and PV are not visible)",
+    "DecoderMaskedMultiHeadAttention": "a fused attention op (QK^T, softmax and PV are not visible)",
+    "QAttention": "a quantized fused attention op",
+    "SkipLayerNormalization": "a fused residual Add + LayerNorm (ONNX Runtime transformer optimizer)",
+    "SkipSimplifiedLayerNormalization": "a fused residual Add + RMSNorm (ONNX Runtime transformer optimizer)",
+    "EmbedLayerNormalization": "a fused embedding + LayerNorm (ONNX Runtime transformer optimizer)",
+    "MatMulNBits": "a block-quantized weight GEMM (ONNX Runtime MatMulNBits)",
+    "MatMulInteger": "an integer GEMM (the model is already quantized)",
+    "QLinearMatMul": "an integer GEMM (the model is already quantized)",
+    "DynamicQuantizeMatMul": "a dynamically quantized GEMM (the model is already quantized)",
+    "MatMulIntegerToFloat": "an integer GEMM (the model is already quantized)",
+    "QuantizeLinear": "activation quantization (the model is already Q/DQ quantized)",
+}
+
+
+def opaque_nodes(g: GraphIndex) -> tuple[tuple[int, str], ...]:
+    """``(node, why)`` for every node analysis refuses (see :data:`OPAQUE_OPS`), in graph order."""
+    return tuple((i, OPAQUE_OPS[n.op_type]) for i, n in enumerate(g.nodes) if n.op_type in OPAQUE_OPS)
+
+
+@dataclass(frozen=True)
+class Rotary:
+    anchor: int  # the Add (decomposed) or the RotaryEmbedding node
+    x: str  # the rotated tensor (Q or K, heads split)
+    members: tuple[int, ...]
+    fused: bool
+
+
+def find_rotaries(g: GraphIndex) -> tuple[Rotary, ...]:
+    """Every rotary embedding: ``Add(Mul(x, cos), Mul(Concat(Neg(Slice(x)), Slice(x)), sin))`` or the fused op."""
+    found: list[Rotary] = []
+    for i, node in enumerate(g.nodes):
+        if node.op_type == "RotaryEmbedding":
+            found.append(Rotary(i, node.input[0], (i,), True))
+        elif node.op_type == "Add" and len(node.input) == 2:
+            match = _rotary_add(g, i)
+            if match is not None:
+                found.append(match)
+    return tuple(found)
+
+
+def _rotary_add(g: GraphIndex, add: int) -> Rotary | None:
+    muls = [g.producer_of(t) for t in g.nodes[add].input]
+    if any(m is None or g.nodes[m].op_type != "Mul" for m in muls):
+        return None
+    for plain, rotated in ((muls[0], muls[1]), (muls[1], muls[0])):
+        assert plain is not None and rotated is not None
+        for x in g.nodes[plain].input:
+            concat = next((c for t in g.nodes[rotated].input if (c := g.producer_of(t)) is not None
+                           and g.nodes[c].op_type == "Concat"), None)
+            if concat is None or g.is_const(x):
+                continue
+            halves = _rotate_half_members(g, concat, x)
+            if halves is not None:
+                return Rotary(add, x, tuple(sorted({add, plain, rotated, concat, *halves})), False)
+    return None
+
+
+def _rotate_half_members(g: GraphIndex, concat: int, x: str) -> set[int] | None:
+    """Nodes of ``Concat(Neg(Slice(x)), Slice(x))`` (Split instead of Slice too), or None if it is not that."""
+    members: set[int] = set()
+    negated = 0
+    for t in g.nodes[concat].input:
+        j = g.producer_of(t)
+        if j is not None and g.nodes[j].op_type == "Neg":
+            members.add(j)
+            negated += 1
+            j = g.producer_of(g.nodes[j].input[0])
+        if j is None or g.nodes[j].op_type not in ("Slice", "Split") or g.nodes[j].input[0] != x:
+            return None
+        members.add(j)
+    return members if negated == 1 and len(g.nodes[concat].input) == 2 else None
+
+
+_HEAD_SPLIT_RANK = 4
+
+
+def reshape_tail(g: GraphIndex, reshape: int) -> tuple[int | None, int | None]:
+    """The last two entries of a Reshape's target shape of rank >= 4 when they are constants (-1 and 0 read as
+    None); (None, None) for a lower rank."""
+    shape_in = g.nodes[reshape].input[1]
+    values: list[int | None] = []
+    j = g.producer_of(shape_in)
+    if g.const_value(shape_in) is not None:
+        values = list(_ints(g, shape_in))
+    elif j is not None and g.nodes[j].op_type == "Concat":
+        for t in g.nodes[j].input:
+            values.extend(_ints(g, t) if g.const_value(t) is not None else [None])
+    if len(values) < _HEAD_SPLIT_RANK:  # [batch, seq, heads, head_dim]; a flatten or unflatten is not a split
+        return None, None
+    tail = [v if v is not None and v > 0 else None for v in values[-2:]]
+    return tail[0], tail[1]
+
+
+def _ints(g: GraphIndex, tensor: str) -> list[int]:
+    from onnx import numpy_helper
+
+    value = g.const_value(tensor)
+    assert value is not None
+    return [int(v) for v in numpy_helper.to_array(value).reshape(-1)]

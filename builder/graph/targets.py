@@ -2,8 +2,8 @@
 
 Observed (deduplicated, in graph order):
 
-* activation inputs of every GEMM role (QKV, Q/K/V projections, W_o, FC1, FC2, unrecognised GEMMs), and both
-  operands of Q·K^T (ATTN_QK) and P·V (ATTN_PV);
+* activation inputs of every GEMM role (QKV, Q/K/V projections, W_o, FC1, gate/up projections, FC2, the LM
+  head, unrecognised GEMMs), and both operands of Q·K^T (ATTN_QK) and P·V (ATTN_PV);
 * outputs of every LayerNorm role, the softmax, the FFN activation, FC2 and both residual adds (the tensors
   Bondarenko et al. name x, h, y and the outlier report plots).
 """
@@ -15,8 +15,8 @@ import onnx
 from builder.graph.report import GraphReport, Role
 from calib.errors import GraphError
 
-GEMM_ROLES = frozenset({Role.QKV, Role.Q_PROJ, Role.K_PROJ, Role.V_PROJ, Role.ATTN_OUT, Role.FC1, Role.FC2,
-                        Role.GEMM, Role.ATTN_QK, Role.ATTN_PV})
+GEMM_ROLES = frozenset({Role.QKV, Role.Q_PROJ, Role.K_PROJ, Role.V_PROJ, Role.ATTN_OUT, Role.FC1, Role.GATE_PROJ,
+                        Role.UP_PROJ, Role.FC2, Role.LM_HEAD, Role.GEMM, Role.ATTN_QK, Role.ATTN_PV})
 OUTPUT_ROLES = frozenset({Role.EMBED_LN, Role.ATTN_LN, Role.FFN_LN, Role.FINAL_LN, Role.ATTN_SOFTMAX, Role.FFN_ACT,
                           Role.FC2, Role.ATTN_RESIDUAL, Role.FFN_RESIDUAL})
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx
-from onnx import numpy_helper
+from onnx import external_data_helper, numpy_helper
 
 from calib.errors import GraphError
 
@@ -27,7 +27,8 @@ class GraphIndex:
     producer: dict[str, int]
     consumers: dict[str, tuple[int, ...]]
     initializers: dict[str, onnx.TensorProto]
-    constants: frozenset[str]  # initializers and outputs of Constant nodes
+    constants: frozenset[str]  # initializers, outputs of Constant nodes and Identity chains over either
+    aliases: dict[str, str]  # output of an Identity chain over a constant -> that constant
 
     @classmethod
     def build(cls, graph: onnx.GraphProto) -> GraphIndex:
@@ -44,12 +45,18 @@ class GraphIndex:
         initializers = {t.name: t for t in graph.initializer}
         constants = set(initializers)
         constants.update(o for n in nodes if n.op_type == "Constant" for o in n.output)
+        aliases: dict[str, str] = {}
+        for node in nodes:  # exporters deduplicate equal initializers behind Identity nodes
+            if node.op_type == "Identity" and node.input and node.input[0] in constants:
+                aliases[node.output[0]] = aliases.get(node.input[0], node.input[0])
+                constants.add(node.output[0])
         return cls(
             nodes=nodes,
             producer=producer,
             consumers={k: tuple(v) for k, v in consumers.items()},
             initializers=initializers,
             constants=frozenset(constants),
+            aliases=aliases,
         )
 
     def is_const(self, tensor: str) -> bool:
@@ -69,15 +76,27 @@ class GraphIndex:
         users = self.consumers_of(tensor)
         return users[0] if len(users) == 1 else None
 
+    def root(self, tensor: str) -> str:
+        """The constant behind an Identity chain (``tensor`` itself when it is not one)."""
+        return self.aliases.get(tensor, tensor)
+
     def const_shape(self, tensor: str) -> tuple[int, ...] | None:
-        """Shape of an initializer, or None."""
-        init = self.initializers.get(tensor)
+        """Shape of an initializer (or of an Identity of one), or None."""
+        init = self.initializers.get(self.root(tensor))
         return None if init is None else tuple(int(d) for d in init.dims)
 
+    def const_dtype(self, tensor: str) -> int | None:
+        """ONNX element type of an initializer (or of an Identity of one), or None; needs no weight data."""
+        init = self.initializers.get(self.root(tensor))
+        return None if init is None else int(init.data_type)
+
     def const_value(self, tensor: str) -> onnx.TensorProto | None:
-        """The value of an initializer or a Constant node's ``value`` attribute, or None."""
+        """The value of an initializer or a Constant node's ``value`` attribute, or None (also for an initializer
+        whose data was left in an external file)."""
+        tensor = self.root(tensor)
         if tensor in self.initializers:
-            return self.initializers[tensor]
+            init = self.initializers[tensor]
+            return None if external_data_helper.uses_external_data(init) else init  # values not loaded
         i = self.producer_of(tensor)
         if i is None or self.nodes[i].op_type != "Constant":
             return None
