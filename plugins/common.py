@@ -3,9 +3,9 @@
 Pipeline stage: lowering (plugin-node fusion) and engine build. Only numpy and the shared error family are
 imported here, so ``calib`` and ``builder`` may use it without loading triton or tensorrt.
 
-Node convention (PLATFORM.md section 8): our own ONNX domain, op types without a prefix, attribute
-``plugin_version`` = ``"1"``, ``plugin_namespace`` = the TensorRT plugin namespace, scales and epsilon as
-FLOAT attributes, flags as INT attributes.
+Node convention: our own ONNX domain, op types without a prefix, attribute ``plugin_version`` = ``"1"``,
+``plugin_namespace`` = the TensorRT namespace of the node's registered I/O form (:func:`plugin_namespace`),
+scales and epsilon as FLOAT attributes, flags as INT attributes (``plugins/layernorm_quant/README.md``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from calib.errors import GraphError, suggest
+from calib.errors import BackendUnavailable, GraphError, suggest
 
 # ONNX domain of our plugin nodes in the engine graph; TensorRT's parser reads the namespace attribute.
 DOMAIN = "build_engine"
@@ -26,6 +26,9 @@ PLUGIN_NAMESPACE = "build_engine"
 PLUGIN_VERSION = "1"
 # ONNX Runtime runs Python custom ops only in this domain (onnxruntime-extensions)
 ORT_CONTRIB_DOMAIN = "ai.onnx.contrib"
+
+# TensorRT versions whose ``tensorrt.plugin`` has ``aot_impl`` (10.6-10.8 ship the package without it).
+MIN_AOT_TENSORRT: tuple[int, int] = (10, 9)
 
 # Widest row one program of either kernel holds in registers (elements of the normalized / softmax axis).
 MAX_ROW_WIDTH = 16384
@@ -59,6 +62,61 @@ def check_row_width(what: str, width: int) -> int:
             f"{what} = {width} is outside what the kernel holds in one pass; allowed 1..{MAX_ROW_WIDTH}"
         )
     return int(width)
+
+
+def plugin_namespace(*features: str) -> str:
+    """The TensorRT namespace of one registered plugin form: ours, suffixed with the optional I/O the form has.
+
+    A Quickly Deployable Plugin fixes its input and output counts, and TensorRT's ONNX parser picks the creator
+    by (op type, ``plugin_version``, ``plugin_namespace`` attribute); so each I/O form of an op is registered
+    under its own namespace and the lowering writes that namespace on the node (op type and domain stay ours).
+    """
+    return "_".join((PLUGIN_NAMESPACE, *features))
+
+
+def check_aot_tensorrt(version: str) -> None:
+    """Raise BackendUnavailable unless TensorRT ``version`` (e.g. ``10.13.0.35``) has AOT Quickly Deployable
+    Plugins (>= 10.9); an unreadable version string is refused the same way."""
+    parts = version.split(".")
+    try:
+        found = (int(parts[0]), int(parts[1]))
+    except (IndexError, ValueError):
+        raise BackendUnavailable(f"cannot read the TensorRT version {version!r}") from None
+    if found < MIN_AOT_TENSORRT:
+        need = ".".join(map(str, MIN_AOT_TENSORRT))
+        raise BackendUnavailable(
+            f"TensorRT {version} has no ahead-of-time Quickly Deployable Plugins (tensorrt.plugin.aot_impl); "
+            f"the plugin engines need TensorRT >= {need}"
+        )
+
+
+QdpFloat = npt.NDArray[np.float32]  # a FLOAT plugin attribute, as the ONNX parser passes it (see qdp_scalar)
+QdpInt = npt.NDArray[np.int32]  # an INT plugin attribute
+
+
+def qdp_scalar(what: str, value: Any) -> float:
+    """The one value of a plugin attribute as tensorrt.plugin hands it over (a 1-element array; see below).
+
+    Our registrations annotate attributes as 1-D NumPy arrays, not ``float``/``int``: TensorRT's ONNX parser
+    passes every scalar attribute as a 1-element field, and the 10.x creator converts it with ``float(array)``,
+    which NumPy >= 2.4 refuses for arrays with ``ndim > 0`` (11.x unpacks size-1 arrays first). An array
+    annotation is converted with ``astype`` by every version.
+    """
+    array = np.asarray(value)
+    if array.size != 1:
+        raise GraphError(f"plugin attribute {what} must hold one value, got {array.size}")
+    return float(array.reshape(-1)[0])
+
+
+def qdp_row_width(desc: Any) -> tuple[int, bool]:
+    """(widest row, exact?) of a ``tensorrt.plugin.TensorDesc`` inside an ``aot_impl``: the last dimension when
+    it is a build-time constant, else its optimization-profile maximum (the kernel is compiled for that and
+    receives the real width as a run-time argument)."""
+    last = desc.ndim - 1
+    expr = desc.shape_expr[last]
+    if expr.is_constant:
+        return int(expr.constant_value()), True
+    return int(desc.shape.max[last]), False
 
 
 def check_float_dtype(what: str, elem_type: int) -> str:

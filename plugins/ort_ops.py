@@ -27,6 +27,9 @@ from plugins.layernorm_quant.schema import LayerNormQuantizeAttrs
 from plugins.softmax_quant import reference as sm_ref
 from plugins.softmax_quant.schema import OP_TYPE as SM_OP
 from plugins.softmax_quant.schema import SoftmaxQuantizeAttrs
+from plugins.sparq_quant import ort_op as sparq_ort
+from plugins.sparq_quant.schema import OP_TYPE as SPARQ_OP
+from plugins.sparq_quant.schema import SparqQuantizeAttrs
 
 LOG = logging.getLogger(__name__)
 
@@ -79,9 +82,9 @@ def register_reference_ops() -> None:
         ) from exc
     dt = {"float32": PyCustomOpDef.dt_float, "float16": PyCustomOpDef.dt_float16}
     s, f, i = PyCustomOpDef.dt_string, PyCustomOpDef.dt_float, PyCustomOpDef.dt_int64
-    ln_attrs = {"epsilon": f, "scale": f, "per_token": i, "has_residual": i, "emit_normalized": i,
+    ln_attrs = {"epsilon": f, "scale": s, "per_token": i, "has_residual": i, "emit_normalized": i,
                 "plugin_version": s, "plugin_namespace": s}
-    sm_attrs = {"scale": f, "has_mask": i, "plugin_version": s, "plugin_namespace": s}
+    sm_attrs = {"scale": s, "has_mask": i, "plugin_version": s, "plugin_namespace": s}
     for dtype, res, tok, emit in itertools.product(FLOAT_DTYPES.values(), (False, True), (False, True), (False, True)):
         attrs = LayerNormQuantizeAttrs(epsilon=1.0, per_token=tok, has_residual=res, emit_normalized=emit)
         name = ln_variant_name(dtype, attrs)
@@ -98,6 +101,7 @@ def register_reference_ops() -> None:
         onnx_op(op_type=name, inputs=[dt[dtype]] * (1 + int(has_mask)), outputs=[PyCustomOpDef.dt_int8],
                 attrs=sm_attrs)(_sm_body)
         _registered.add(name)
+    sparq_ort.register(_registered)
 
 
 def plugin_output_types(node: onnx.NodeProto, input_type: int) -> list[int]:
@@ -142,6 +146,15 @@ def node_attributes(node: onnx.NodeProto) -> dict[str, Any]:
     return out
 
 
+def _exact_scale(node: onnx.NodeProto) -> None:
+    """Carry the FLOAT ``scale`` as its decimal repr (STRING): onnxruntime-extensions hands a Python op its float
+    attributes printed to 6 significant digits (0.019286619 arrives as 0.0192866), which moves INT8 codes whose
+    x / scale lies near a rounding tie; a string arrives exactly, and float(repr) is the float32 value."""
+    for attr in node.attribute:
+        if attr.name == "scale" and attr.type == onnx.AttributeProto.FLOAT:
+            attr.CopyFrom(onnx.helper.make_attribute("scale", repr(float(attr.f))))
+
+
 def ort_evaluable_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     """Return a copy whose plugin nodes ONNX Runtime can run (with :func:`register_reference_ops` loaded)."""
     copy = onnx.ModelProto()
@@ -158,9 +171,13 @@ def ort_evaluable_copy(model: onnx.ModelProto) -> onnx.ModelProto:
             node.op_type = ln_variant_name(dtype, LayerNormQuantizeAttrs.from_onnx_attributes(attrs))
         elif node.op_type == SM_OP:
             node.op_type = sm_variant_name(dtype, SoftmaxQuantizeAttrs.from_onnx_attributes(attrs))
+        elif node.op_type == SPARQ_OP:
+            SparqQuantizeAttrs.from_onnx_attributes(attrs)
+            node.op_type = sparq_ort.variant_name(dtype)
         else:
             raise GraphError(f"node {node.name!r}: unknown op type {node.op_type!r} in domain {DOMAIN!r}; "
-                             f"known: {LN_OP}, {SM_OP}")
+                             f"known: {LN_OP}, {SM_OP}, {SPARQ_OP}")
+        _exact_scale(node)
         node.domain = ORT_CONTRIB_DOMAIN
         found = True
     kept = [op for op in copy.opset_import if op.domain not in (DOMAIN, ORT_CONTRIB_DOMAIN)]

@@ -15,22 +15,15 @@ from typing import Any, Protocol
 import onnx
 
 from builder.backends.options import BackendName, BuildOptions
+from calib.schema import Schema
 
 
-@dataclass(frozen=True, kw_only=True)
-class TensorSpec:
+class TensorSpec(Schema, frozen=True, kw_only=True):
     """A network input or output: name, dtype (numpy spelling, e.g. ``float32``) and shape (-1 = dynamic)."""
 
     name: str
     dtype: str
     shape: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TensorSpec:
-        return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=tuple(int(d) for d in data["shape"]))
 
 
 @dataclass(kw_only=True)
@@ -44,6 +37,8 @@ class ParsedNetwork:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     keepalive: list[Any] = field(default_factory=list)  # objects TensorRT only borrows (calibrators)
+    # input name -> per axis its profile dimension (builder.backends.dims); empty: axis 0 batch, axis 1 sequence
+    dim_roles: dict[str, tuple[str | None, ...]] = field(default_factory=dict)
 
 
 class EngineBackend(Protocol):

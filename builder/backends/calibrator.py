@@ -6,7 +6,7 @@ discard the cache and calibrate on its own). The logic lives in :class:`CacheCal
 testable without TensorRT; :func:`make_trt_calibrator` wraps it in a ``trt.IInt8EntropyCalibrator2``
 subclass created lazily. Reading and writing the cache text is :mod:`calib.cache`'s job.
 
-Cache format (PLATFORM.md section 6.1)::
+Cache format (calib/cache.py)::
 
     TRT-<version>-EntropyCalibration2
     <tensor name>: <8 hex digits = big-endian float32 scale (amax / 127)>

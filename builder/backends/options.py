@@ -1,18 +1,20 @@
 """Engine-build stage: typed build options shared by every backend (profiles, limits, targets, plugins).
 
-Options are frozen dataclasses validated on construction, so a bad flag fails before any expensive work.
-They round-trip through JSON (they are recorded in every engine manifest and hashed for stage reuse).
+Options are frozen msgspec Schemas (calib.schema) validated on construction and on decoding, so a bad flag
+or a misspelled key fails before any expensive work. They round-trip through JSON (they are recorded in
+every engine manifest and hashed for stage reuse); decoding rejects unknown keys.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
-from calib.artifact_io import versioned_object
+import msgspec
+
 from calib.errors import ConfigError, suggest
+from calib.schema import Schema, convert, to_builtins
 
 BUILD_OPTIONS_VERSION = 1
 
@@ -57,30 +59,32 @@ class LayerDtype(StrEnum):
     BF16 = "bf16"
 
 
-# TensorRT-RTX ahead-of-time targets (PLATFORM.md section 7); the default is NVIDIA's documented AOT set.
+# TensorRT-RTX ahead-of-time targets (TensorRT-RTX docs, AOT compilation); the default is NVIDIA's AOT set.
 RTX_ARCHITECTURES: tuple[str, ...] = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 DEFAULT_RTX_ARCHITECTURES: tuple[str, ...] = ("sm80", "sm86", "sm89", "sm120")
 
 
-@dataclass(frozen=True, kw_only=True)
-class DimRange:
-    """min/opt/max of one dynamic dimension in an optimization profile."""
+class DimRange(Schema, frozen=True, kw_only=True, array_like=True):
+    """min/opt/max of one dynamic dimension in an optimization profile (0 allowed: an empty KV cache).
+
+    In JSON it is the array ``[min, opt, max]``.
+    """
 
     min: int
     opt: int
     max: int
 
     def __post_init__(self) -> None:
-        if self.min < 1:
-            raise ConfigError(f"profile dimension min={self.min} must be >= 1")
+        if self.min < 0:
+            raise ConfigError(f"profile dimension min={self.min} must be >= 0")
         if not self.min <= self.opt <= self.max:
             raise ConfigError(
                 f"profile dimension needs min <= opt <= max, got min={self.min} opt={self.opt} max={self.max}"
             )
 
     @classmethod
-    def parse(cls, text: str, what: str) -> DimRange:
-        """Parse ``"1,8,32"`` (min,opt,max) or a single fixed value ``"8"``."""
+    def parse(cls, text: str, what: str, *, minimum: int = 1) -> DimRange:
+        """Parse ``"1,8,32"`` (min,opt,max) or a single fixed value ``"8"``; min must be >= ``minimum``."""
         parts = [p.strip() for p in text.split(",")]
         try:
             values = [int(p) for p in parts]
@@ -90,38 +94,54 @@ class DimRange:
             values = values * 3
         if len(values) != 3:
             raise ConfigError(f"{what} {text!r} needs one value or three (min,opt,max)")
+        if values[0] < minimum:
+            raise ConfigError(f"{what} {text!r}: min={values[0]} must be >= {minimum}")
         return cls(min=values[0], opt=values[1], max=values[2])
 
     def to_list(self) -> list[int]:
         return [self.min, self.opt, self.max]
 
 
-@dataclass(frozen=True, kw_only=True)
-class ShapeProfile:
-    """One optimization profile: ranges for the batch axis (0) and sequence axis (1) of every input."""
+class ShapeProfile(Schema, frozen=True, kw_only=True, omit_defaults=True):
+    """One optimization profile: ranges of the named dynamic dimensions every input shape is made of.
+
+    ``batch`` and ``seq`` (new tokens); ``past`` is the KV-cache length of a decoder graph (``past_key_values``
+    inputs), and an attention mask spanning cache and new tokens gets ``past + seq``
+    (:mod:`builder.backends.dims` assigns each input axis its dimension). JSON leaves ``past`` out when unset.
+    """
 
     batch: DimRange
     seq: DimRange
+    past: DimRange | None = None
+
+    def __post_init__(self) -> None:
+        for name, rng in (("batch", self.batch), ("sequence", self.seq)):
+            if rng.min < 1:
+                raise ConfigError(f"profile {name} min={rng.min} must be >= 1")
 
     def to_dict(self) -> dict[str, list[int]]:
-        return {"batch": self.batch.to_list(), "seq": self.seq.to_list()}
+        """``{"batch": [min, opt, max], "seq": [...]}`` plus ``"past"`` when set."""
+        data: dict[str, list[int]] = to_builtins(self)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Sequence[int]]) -> ShapeProfile:
-        b, s = data["batch"], data["seq"]
-        return cls(batch=DimRange(min=b[0], opt=b[1], max=b[2]), seq=DimRange(min=s[0], opt=s[1], max=s[2]))
+        """Inverse of :meth:`to_dict`; unknown keys and malformed ranges raise ConfigError."""
+        return convert(data, cls, "profile")
 
 
-@dataclass(frozen=True, kw_only=True)
-class LayerPrecision:
-    """A weakly typed TensorRT 10 build pins layers whose name matches ``pattern`` (fnmatch) to ``dtype``."""
+class LayerPrecision(Schema, frozen=True, kw_only=True):
+    """A weakly typed TensorRT 10 build pins the layers of every ONNX node whose name matches ``pattern``
+    (fnmatch) to ``dtype``."""
 
     pattern: str
     dtype: LayerDtype
 
+    def __post_init__(self) -> None:
+        msgspec.structs.force_setattr(self, "dtype", _member(LayerDtype, self.dtype, "layer precision dtype"))
 
-@dataclass(frozen=True, kw_only=True)
-class PluginSpec:
+
+class PluginSpec(Schema, frozen=True, kw_only=True):
     """A plugin source: a shared library path, or a Python module registering Quickly Deployable Plugins."""
 
     library: str | None = None
@@ -131,15 +151,27 @@ class PluginSpec:
         if (self.library is None) == (self.module is None):
             raise ConfigError("a plugin spec names exactly one of a library path or a Python module")
 
-    def to_dict(self) -> dict[str, str | None]:
-        return {"library": self.library, "module": self.module}
+
+E = TypeVar("E", bound=StrEnum)
+
+
+def _member(enum: type[E], value: str, what: str) -> E:
+    """``value`` as a member of ``enum`` (Python callers may pass the plain string); ConfigError otherwise."""
+    try:
+        return enum(value)
+    except ValueError:
+        known = [m.value for m in enum]
+        choices = f"choose one of {', '.join(known)}{suggest(str(value), known)}"
+        raise ConfigError(f"unknown {what} {value!r}; {choices}") from None
 
 
 def precision_constraints(precision: Mapping[str, str]) -> tuple[LayerPrecision, ...]:
-    """The fallback list of a lowered model (node -> int8/fp16/bf16/fp32, ``precision.json``) as layer patterns.
+    """The fallback list of a lowered model (node -> int8/fp16/bf16/fp32, ``precision.json``) as node patterns.
 
     INT8 nodes need no constraint (their Q/DQ decide). Each pattern is the node name with fnmatch's special
-    characters escaped, plus ``*`` for the helper layers the ONNX parser derives from one node.
+    characters escaped; it is matched against the ONNX node each layer came from (the layer's metadata, see
+    :func:`builder.backends.precision.constrained_layers`), which covers the helper layers the parser derives
+    from that node and nothing else (no sibling ``name_1``).
     """
     rules = []
     for node in sorted(precision):
@@ -149,7 +181,7 @@ def precision_constraints(precision: Mapping[str, str]) -> tuple[LayerPrecision,
         if dtype not in {d.value for d in LayerDtype}:
             raise ConfigError(f"precision list: node {node!r} has precision {dtype!r}; use int8, fp32, fp16 or bf16")
         escaped = "".join(f"[{c}]" if c in "*?[" else c for c in node)
-        rules.append(LayerPrecision(pattern=f"{escaped}*", dtype=LayerDtype(dtype)))
+        rules.append(LayerPrecision(pattern=escaped, dtype=LayerDtype(dtype)))
     return tuple(rules)
 
 
@@ -165,9 +197,11 @@ def _normalize_arch(text: str) -> str:
     return arch
 
 
-@dataclass(frozen=True, kw_only=True)
-class BuildOptions:
-    """Everything that decides an engine besides the ONNX graph itself."""
+class BuildOptions(Schema, frozen=True, kw_only=True):
+    """Everything that decides an engine besides the ONNX graph itself.
+
+    Validated on construction and on decoding (``__post_init__`` runs for both); recorded in every manifest.
+    """
 
     backend: BackendName = BackendName.AUTO
     profiles: tuple[ShapeProfile, ...] = (
@@ -182,9 +216,15 @@ class BuildOptions:
     calibration_cache: str | None = None
     layer_precisions: tuple[LayerPrecision, ...] = ()
     plugins: tuple[PluginSpec, ...] = ()
-    version: int = field(default=BUILD_OPTIONS_VERSION)
+    version: int = BUILD_OPTIONS_VERSION
 
     def __post_init__(self) -> None:
+        if self.version != BUILD_OPTIONS_VERSION:  # also when nested in a manifest, which checks only its own
+            raise ConfigError(f"build options version {self.version!r} not supported; expected {BUILD_OPTIONS_VERSION}")
+        force = msgspec.structs.force_setattr
+        force(self, "backend", BackendName.parse(str(self.backend)))
+        force(self, "typing", _member(Typing, self.typing, "network typing"))
+        force(self, "int8_mode", _member(Int8Mode, self.int8_mode, "INT8 mode"))
         if not self.profiles:
             raise ConfigError("at least one optimization profile is needed")
         if not 0 <= self.optimization_level <= 5:
@@ -193,7 +233,7 @@ class BuildOptions:
             raise ConfigError(f"workspace limit {self.workspace_mib} MiB must be positive")
         if not self.architectures:
             raise ConfigError("at least one target architecture is needed")
-        object.__setattr__(self, "architectures", tuple(_normalize_arch(a) for a in self.architectures))
+        force(self, "architectures", tuple(_normalize_arch(a) for a in self.architectures))
         if self.int8_mode is Int8Mode.IMPLICIT:
             if self.calibration_cache is None:
                 raise ConfigError("implicit INT8 needs a calibration cache (--calibration-cache)")
@@ -206,36 +246,17 @@ class BuildOptions:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "backend": self.backend.value,
-            "profiles": [p.to_dict() for p in self.profiles],
-            "workspace_mib": self.workspace_mib,
-            "optimization_level": self.optimization_level,
-            "timing_cache": self.timing_cache,
-            "architectures": list(self.architectures),
-            "typing": self.typing.value,
-            "int8_mode": self.int8_mode.value,
-            "calibration_cache": self.calibration_cache,
-            "layer_precisions": [{"pattern": lp.pattern, "dtype": lp.dtype.value} for lp in self.layer_precisions],
-            "plugins": [p.to_dict() for p in self.plugins],
-        }
+        """The JSON object of these options (recorded in manifests, hashed for stage reuse)."""
+        data: dict[str, Any] = to_builtins(self)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BuildOptions:
-        data = versioned_object(data, "build options", BUILD_OPTIONS_VERSION)
-        return cls(
-            backend=BackendName.parse(str(data["backend"])),
-            profiles=tuple(ShapeProfile.from_dict(p) for p in data["profiles"]),
-            workspace_mib=data["workspace_mib"],
-            optimization_level=int(data["optimization_level"]),
-            timing_cache=data["timing_cache"],
-            architectures=tuple(data["architectures"]),
-            typing=Typing(data["typing"]),
-            int8_mode=Int8Mode(data["int8_mode"]),
-            calibration_cache=data["calibration_cache"],
-            layer_precisions=tuple(
-                LayerPrecision(pattern=lp["pattern"], dtype=LayerDtype(lp["dtype"])) for lp in data["layer_precisions"]
-            ),
-            plugins=tuple(PluginSpec(library=p["library"], module=p["module"]) for p in data["plugins"]),
-        )
+        """Inverse of :meth:`to_dict`: the version first, then unknown keys, types and every check above."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"build options must be a JSON object, got {type(data).__name__}")
+        if data.get("version") != BUILD_OPTIONS_VERSION:
+            raise ConfigError(
+                f"build options version {data.get('version')!r} not supported; expected {BUILD_OPTIONS_VERSION}"
+            )
+        return convert(data, cls, "build options")

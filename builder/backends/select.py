@@ -21,8 +21,15 @@ def select_backend(name: BackendName) -> EngineBackend:
     if name is BackendName.TENSORRT_RTX:
         return RtxBackend()
     if tensorrt_available():
+        try:
+            backend: EngineBackend = TensorRTBackend()
+        except BackendUnavailable as exc:  # installed, but no usable GPU or driver
+            if not rtx_available():
+                raise
+            logger.warning("backend auto: full TensorRT is installed but unusable here (%s); using TensorRT-RTX", exc)
+            return RtxBackend()
         logger.info("backend auto: using full TensorRT")
-        return TensorRTBackend()
+        return backend
     if rtx_available():
         logger.info("backend auto: full TensorRT is not installed; using TensorRT-RTX")
         return RtxBackend()

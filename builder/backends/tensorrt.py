@@ -6,13 +6,19 @@
 - 11.x: always strongly typed, explicit Q/DQ only; fallback is Cast nodes in the graph. Builder precision
   flags, calibrators and precision constraints were removed, so asking for them is a ConfigError.
 
-Plugins are registered before parsing: a Python module registering Quickly Deployable Plugins is imported,
-a shared library is loaded into the plugin registry.
+Plugins are registered before parsing: a Python module of Quickly Deployable Plugins is imported and its
+``register()`` called (our ``plugins/*/plugin.py``; TensorRT >= 10.9), a shared library is loaded into the
+plugin registry once per process (a second ``load_library`` of an already registered library returns None;
+libraries without the ``getCreators`` entry points register their creators when loaded with
+``ctypes.CDLL(RTLD_GLOBAL)``, the fallback). Then every creator the graph's plugin nodes need must be in the
+registry (:mod:`builder.backends.plugin_check`), still before parsing. A foreign timing cache (another GPU
+or TensorRT version) is reported and replaced, never fatal; a builder that cannot be created (no usable GPU)
+is BackendUnavailable, so ``--backend auto`` falls back to TensorRT-RTX.
 """
 
 from __future__ import annotations
 
-import fnmatch
+import ctypes
 import importlib
 import logging
 from pathlib import Path
@@ -24,20 +30,27 @@ import onnx
 from builder.backends import trt_api
 from builder.backends.base import ParsedNetwork, plugin_nodes
 from builder.backends.calibrator import CacheCalibrator, make_trt_calibrator
-from builder.backends.options import BackendName, BuildOptions, Int8Mode, LayerDtype, Typing
+from builder.backends.options import BackendName, BuildOptions, Int8Mode, LayerDtype, PluginSpec, Typing
+from builder.backends.plugin_check import PluginNeed, check_plugin_nodes, check_registered
+from builder.backends.precision import constrained_layers, layer_views
 from calib.artifact_io import atomic_write_bytes
 from calib.errors import BackendUnavailable, BuildError, ConfigError
+from plugins.common import check_aot_tensorrt
 
 logger = logging.getLogger(__name__)
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 
 
+# plugin libraries loaded in this process (resolved path -> handle): TensorRT keeps their creators registered
+_LOADED_LIBRARIES: dict[str, Any] = {}
+
+
 def load_tensorrt() -> ModuleType:
-    """Import full ``tensorrt`` or explain how to get it."""
+    """Import full ``tensorrt`` or explain how to get it (a wheel whose native libraries fail to load too)."""
     try:
         import tensorrt
-    except ImportError as exc:
+    except (ImportError, OSError) as exc:
         raise BackendUnavailable(
             "full TensorRT is not installed: `pip install 'build-engine[tensorrt]'` on a machine with an NVIDIA "
             "GPU (see the README), or use --backend tensorrt-rtx"
@@ -90,6 +103,38 @@ def check_options(major: int, model: onnx.ModelProto, options: BuildOptions) -> 
         )
 
 
+def load_plugin_library(trt: Any, path: str) -> None:
+    """Load a plugin library into TensorRT's registry once per process (see the module docstring)."""
+    lib = Path(path)
+    if not lib.is_file():
+        raise ConfigError(f"plugin library {path!r} does not exist")
+    key = str(lib.resolve())
+    if key in _LOADED_LIBRARIES:
+        logger.debug("plugin library %s already loaded", key)
+        return
+    handle = trt.get_plugin_registry().load_library(key)
+    if handle is None:
+        logger.info("TensorRT's load_library returned None for %s; loading it with ctypes (RTLD_GLOBAL)", key)
+        try:
+            handle = ctypes.CDLL(key, mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            raise BuildError(f"the plugin library {path!r} cannot be loaded: {exc}") from exc
+    _LOADED_LIBRARIES[key] = handle
+
+
+def register_plugin_module(name: str) -> None:
+    """Import a Quickly Deployable Plugin module and call its ``register()`` (import alone registers nothing)."""
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        raise ConfigError(f"plugin module {name!r} cannot be imported: {exc}") from exc
+    register = getattr(module, "register", None)
+    if callable(register):
+        register()
+    else:
+        logger.info("plugin module %s has no register(); relying on what its import registered", name)
+
+
 class TensorRTBackend:
     """Builds engines with full TensorRT on the local GPU."""
 
@@ -98,8 +143,11 @@ class TensorRTBackend:
     def __init__(self) -> None:
         self._trt = load_tensorrt()
         self._major = major_version(self.version())
+        self._logger = trt_api.make_logger(self._trt)
+        self._builder = trt_api.make_builder(self._trt, self._logger)  # no usable GPU: BackendUnavailable
         self._timing_cache: Path | None = None
         self._has_qdq = False
+        self._needs: tuple[PluginNeed, ...] = ()
 
     def version(self) -> str:
         return str(self._trt.__version__)
@@ -110,25 +158,24 @@ class TensorRTBackend:
     def check(self, model: onnx.ModelProto, options: BuildOptions) -> None:
         check_options(self._major, model, options)
         self._has_qdq = any(node.op_type in QDQ_OPS for node in model.graph.node)
+        self._needs = check_plugin_nodes(model)
+        if any(spec.module is not None for spec in options.plugins):
+            check_aot_tensorrt(self.version())
 
-    def _register_plugins(self, options: BuildOptions) -> None:
-        registry = self._trt.get_plugin_registry()
-        for spec in options.plugins:
+    def _register_plugins(self, plugins: tuple[PluginSpec, ...]) -> None:
+        for spec in plugins:
             if spec.module is not None:
-                try:
-                    importlib.import_module(spec.module)
-                except ImportError as exc:
-                    raise ConfigError(f"plugin module {spec.module!r} cannot be imported: {exc}") from exc
+                register_plugin_module(spec.module)
             elif spec.library is not None:
-                if not Path(spec.library).is_file():
-                    raise ConfigError(f"plugin library {spec.library!r} does not exist")
-                if registry.load_library(spec.library) is None:
-                    raise BuildError(f"TensorRT could not load the plugin library {spec.library!r}")
+                load_plugin_library(self._trt, spec.library)
+        registry = self._trt.get_plugin_registry()
+        check_registered(self._needs, registry.get_creator)
 
     def parse(self, model_path: Path, options: BuildOptions) -> ParsedNetwork:
-        self._register_plugins(options)
+        self._register_plugins(options.plugins)
         strongly = options.typing is Typing.STRONG and self._major < 11  # 11 is always strongly typed
-        return trt_api.parse_onnx(self._trt, model_path, strongly_typed=strongly)
+        return trt_api.parse_onnx(self._trt, model_path, strongly_typed=strongly, builder=self._builder,
+                                  trt_logger=self._logger)
 
     def configure(self, parsed: ParsedNetwork, options: BuildOptions) -> Any:
         trt = self._trt
@@ -137,11 +184,22 @@ class TensorRTBackend:
         trt_api.add_profiles(parsed, config, options.profiles)
         if options.timing_cache is not None:
             self._timing_cache = Path(options.timing_cache)
-            data = self._timing_cache.read_bytes() if self._timing_cache.is_file() else b""
-            config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False)
+            self._use_timing_cache(config, self._timing_cache)
         if options.typing is Typing.WEAK:
             self._configure_weak(parsed, config, options)
         return config
+
+    def _use_timing_cache(self, config: Any, path: Path) -> None:
+        """Read the cache file into the config; a foreign or unreadable one is replaced by a fresh cache."""
+        data = path.read_bytes() if path.is_file() else b""
+        cache = config.create_timing_cache(data)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return
+        logger.warning("timing cache %s was made on another GPU or TensorRT version (or is damaged); starting a "
+                       "fresh one, which replaces it after the build", path)
+        if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+            logger.warning("TensorRT refused an empty timing cache; building without one")
+            self._timing_cache = None
 
     def _configure_weak(self, parsed: ParsedNetwork, config: Any, options: BuildOptions) -> None:
         trt = self._trt
@@ -171,25 +229,32 @@ class TensorRTBackend:
         trt = self._trt
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         dtypes = {LayerDtype.FP32: trt.float32, LayerDtype.FP16: trt.float16, LayerDtype.BF16: trt.bfloat16}
-        layers = [parsed.network.get_layer(i) for i in range(parsed.network.num_layers)]
-        for rule in options.layer_precisions:
-            matched = [layer for layer in layers if fnmatch.fnmatchcase(layer.name, rule.pattern)]
-            if not matched:
-                raise ConfigError(f"layer precision pattern {rule.pattern!r} matches no layer of the network")
-            if rule.dtype is LayerDtype.BF16:
-                config.set_flag(trt.BuilderFlag.BF16)
-            for layer in matched:
-                layer.precision = dtypes[rule.dtype]
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, dtypes[rule.dtype])
+        if any(rule.dtype is LayerDtype.BF16 for rule in options.layer_precisions):
+            config.set_flag(trt.BuilderFlag.BF16)
+        for constraint in constrained_layers(layer_views(parsed.network), options.layer_precisions):
+            layer = parsed.network.get_layer(constraint.index)
+            layer.precision = dtypes[constraint.dtype]
+            for j in constraint.outputs:
+                layer.set_output_type(j, dtypes[constraint.dtype])
 
     def build(self, parsed: ParsedNetwork, config: Any) -> Any:
         plan = trt_api.build_serialized(parsed, config)
         if self._timing_cache is not None:
-            cache = config.get_timing_cache()
-            atomic_write_bytes(self._timing_cache, bytes(memoryview(cache.serialize())))
-            logger.info("timing cache saved to %s", self._timing_cache)
+            self._save_timing_cache(config, self._timing_cache)
         return plan
+
+    def _save_timing_cache(self, config: Any, path: Path) -> None:
+        """Write the updated cache; a missing cache or a failed write is a warning, never a lost engine."""
+        cache = config.get_timing_cache()
+        if cache is None:
+            logger.warning("TensorRT returned no timing cache after the build; %s left as it was", path)
+            return
+        try:
+            atomic_write_bytes(path, bytes(memoryview(cache.serialize())))
+        except OSError as exc:
+            logger.warning("could not save the timing cache to %s: %s", path, exc)
+            return
+        logger.info("timing cache saved to %s", path)
 
     def serialize(self, built: Any) -> bytes:
         return trt_api.host_memory_bytes(built)

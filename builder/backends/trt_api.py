@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from builder.backends import dims
 from builder.backends.base import ParsedNetwork, TensorSpec
 from builder.backends.options import BuildOptions, ShapeProfile
-from calib.errors import BuildError, ConfigError
+from calib.errors import BackendUnavailable, BuildError
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +34,6 @@ DTYPE_NAMES: dict[str, str] = {
     "FP4": "float4e2m1",
     "E8M0": "float8e8m0",
 }
-
-BATCH_AXIS = 0
-SEQ_AXIS = 1
 
 
 def make_logger(trt: Any) -> Any:
@@ -79,10 +77,26 @@ def _io_specs(network: Any) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, .
     return inputs, outputs
 
 
-def parse_onnx(trt: Any, model_path: Path, *, strongly_typed: bool, plugin_override: bool = False) -> ParsedNetwork:
+def make_builder(trt: Any, trt_logger: Any) -> Any:
+    """A ``trt.Builder``; BackendUnavailable when the library cannot create one (no usable GPU or driver:
+    pybind raises "factory function returned nullptr" after TensorRT logs the CUDA error)."""
+    try:
+        builder = trt.Builder(trt_logger)
+    except (TypeError, RuntimeError) as exc:
+        why = "; ".join(getattr(trt_logger, "errors", [])) or str(exc)
+        raise BackendUnavailable(f"{trt.__name__} {trt.__version__} cannot create a builder here: {why}") from exc
+    if builder is None:
+        raise BackendUnavailable(f"{trt.__name__} {trt.__version__} cannot create a builder here (no usable GPU?)")
+    return builder
+
+
+def parse_onnx(
+    trt: Any, model_path: Path, *, strongly_typed: bool, plugin_override: bool = False,
+    builder: Any = None, trt_logger: Any = None,
+) -> ParsedNetwork:
     """Parse ``model_path`` (external data resolved next to it) into a network; parser errors -> BuildError."""
-    trt_logger = make_logger(trt)
-    builder = trt.Builder(trt_logger)
+    trt_logger = trt_logger if trt_logger is not None else make_logger(trt)
+    builder = builder if builder is not None else make_builder(trt, trt_logger)
     flags = 0
     if strongly_typed:
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
@@ -103,26 +117,11 @@ def parse_onnx(trt: Any, model_path: Path, *, strongly_typed: bool, plugin_overr
     )
 
 
-def profile_shapes(spec: TensorSpec, profile: ShapeProfile) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """min/opt/max shapes of one input: dynamic axis 0 is the batch, dynamic axis 1 the sequence."""
-    shapes: list[list[int]] = [[], [], []]
-    for axis, dim in enumerate(spec.shape):
-        if dim >= 0:
-            for s in shapes:
-                s.append(dim)
-            continue
-        if axis == BATCH_AXIS:
-            rng = profile.batch
-        elif axis == SEQ_AXIS:
-            rng = profile.seq
-        else:
-            raise ConfigError(
-                f"input {spec.name!r} has a dynamic axis {axis} (shape {list(spec.shape)}); only axis 0 (batch) "
-                "and axis 1 (sequence) can be dynamic -- export the model with fixed other dimensions"
-            )
-        for s, value in zip(shapes, rng.to_list(), strict=True):
-            s.append(value)
-    return tuple(shapes[0]), tuple(shapes[1]), tuple(shapes[2])
+def profile_shapes(
+    spec: TensorSpec, profile: ShapeProfile, roles: dims.Roles | None = None,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """min/opt/max shapes of one input (see :func:`builder.backends.dims.profile_shapes`)."""
+    return dims.profile_shapes(spec.name, spec.shape, profile, roles)
 
 
 def add_profiles(parsed: ParsedNetwork, config: Any, profiles: Sequence[ShapeProfile]) -> None:
@@ -132,7 +131,7 @@ def add_profiles(parsed: ParsedNetwork, config: Any, profiles: Sequence[ShapePro
     for profile in profiles:
         trt_profile = parsed.builder.create_optimization_profile()
         for spec in parsed.inputs:
-            mn, opt, mx = profile_shapes(spec, profile)
+            mn, opt, mx = profile_shapes(spec, profile, parsed.dim_roles or None)
             trt_profile.set_shape(spec.name, mn, opt, mx)
         if config.add_optimization_profile(trt_profile) < 0:
             raise BuildError(f"TensorRT rejected the optimization profile {profile.to_dict()}")

@@ -20,11 +20,19 @@ import onnx
 
 from builder import __version__
 from builder.backends.base import EngineBackend
+from builder.backends.dims import check_profiles, input_dim_roles
 from builder.backends.options import BuildOptions
 from builder.backends.select import select_backend
 from builder.backends.trt_api import profile_shapes
 from builder.engine.manifest import MANIFEST_FILE, EngineArtifact, EngineManifest, PluginRecord, read_manifest
-from builder.engine.validate import check_qdq, external_data_files, load_model_for_build
+from builder.engine.outputs import check_output_dir
+from builder.engine.validate import (
+    check_integer_constants,
+    check_position_range,
+    check_qdq,
+    external_data_files,
+    load_model_for_build,
+)
 from calib.artifact_io import atomic_write_bytes, atomic_write_text, canonical_json, sha256_file, sha256_text
 from calib.errors import ConfigError
 
@@ -108,7 +116,8 @@ def _plugin_records(model: onnx.ModelProto, options: BuildOptions) -> tuple[Plug
         if node.domain in ("", "ai.onnx", "ai.onnx.ml"):
             continue
         version = next((a.s.decode() for a in node.attribute if a.name == "plugin_version"), "1")
-        op = f"{node.domain}::{node.op_type}"
+        namespace = next((a.s.decode() for a in node.attribute if a.name == "plugin_namespace"), "") or node.domain
+        op = f"{namespace}::{node.op_type}"  # the registered plugin TensorRT looks up
         records[op] = PluginRecord(op=op, version=version, source=source, source_sha256=source_sha)
     return tuple(records[k] for k in sorted(records))
 
@@ -131,11 +140,25 @@ def _input_hash(backend: EngineBackend, inputs: BuildInputs, model: onnx.ModelPr
     return sha256_text(canonical_json(key))
 
 
+def check_profiles_for(model: onnx.ModelProto, options: BuildOptions) -> dict[str, tuple[str | None, ...]]:
+    """Each input axis's profile dimension, after refusing profiles the graph cannot take (exit 2): a KV cache
+    without ``--past`` (or ``--past`` without one), and positions beyond the model's position table."""
+    roles = input_dim_roles(model)
+    check_profiles(roles, options.profiles)
+    for profile in options.profiles:
+        past = profile.past.max if profile.past is not None else 0
+        what = f"the profile's maximum sequence ({profile.seq.max}" + (f" + past {past})" if past else ")")
+        check_position_range(model, profile.seq.max + past, what)
+    return roles
+
+
 def build_engine(
     inputs: BuildInputs, options: BuildOptions, *, name: str, backend: EngineBackend | None = None
 ) -> EngineArtifact:
     """Validate, then build one engine in memory. Raises ConfigError/BuildError/BackendUnavailable."""
     model = load_model_for_build(inputs.model_path)
+    roles = check_profiles_for(model, options)
+    check_integer_constants(model)
     qdq_nodes = check_qdq(model)
     chosen = backend if backend is not None else select_backend(options.backend)
     chosen.check(model, options)
@@ -143,8 +166,9 @@ def build_engine(
     logger.info("building %s with %s %s (%d Q/DQ nodes)", name, chosen.name.value, chosen.version(), qdq_nodes)
     start = time.perf_counter()
     parsed = chosen.parse(inputs.model_path, options)
+    parsed.dim_roles = roles
     profiles = tuple(
-        {spec.name: dict(zip(("min", "opt", "max"), map(list, profile_shapes(spec, p)), strict=True))
+        {spec.name: dict(zip(("min", "opt", "max"), map(list, profile_shapes(spec, p, roles)), strict=True))
          for spec in parsed.inputs}
         for p in options.profiles
     ) if any(-1 in s.shape for s in parsed.inputs) else ()
@@ -212,9 +236,9 @@ def build_engine_dir(
     inputs: BuildInputs, options: BuildOptions, engine_dir: Path, *, force: bool = False
 ) -> BuildOutcome:
     """Build into ``engine_dir`` (name = folder name), or reuse the engine there if its inputs are unchanged."""
-    if engine_dir.exists() and not engine_dir.is_dir():
-        raise ConfigError(f"engine output {str(engine_dir)!r} exists and is not a folder")
+    check_output_dir(engine_dir, parents=True)
     model = load_model_for_build(inputs.model_path)
+    check_profiles_for(model, options)
     backend = select_backend(options.backend)
     if not force:
         reused = _reusable(engine_dir, _input_hash(backend, inputs, model, options))

@@ -65,6 +65,8 @@ def read_accuracy(path: Path) -> dict[str, float]:
     if not path.is_file():
         raise ConfigError(f"accuracy file {str(path)!r} does not exist")
     data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data, dict) and isinstance(data.get("sentence"), dict) and "model_name" in data:  # report v2
+        data = {"model_name": data["model_name"], "probe_accuracy": data["sentence"]["probe_accuracy"]}
     if isinstance(data, dict) and "probe_accuracy" in data and "model_name" in data:
         return {str(data["model_name"]): float(data["probe_accuracy"])}
     if isinstance(data, dict) and all(isinstance(v, int | float) for v in data.values()):

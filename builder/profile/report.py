@@ -4,22 +4,25 @@ Statistics follow trtexec's ``sampleReporting.cpp``: samples sorted ascending; t
 sample (mean of the two middle ones for an even count); percentile p is the sample at index
 ``max(n - 1 - floor((1 - p/100) * n), 0)`` (in float32). Latency = host-to-device + compute + device-to-host; throughput
 is inferences per second of host wall time over the timed loop.
+
+The LatencyReport is a frozen, versioned msgspec Schema (calib.schema): decoding rejects unknown keys.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
 
+import msgspec
 import numpy as np
 
-from calib.artifact_io import canonical_json, versioned_object
-from calib.errors import ConfigError, InternalError
+from calib.errors import InternalError
+from calib.schema import Schema, decode_json, to_json
 
-LATENCY_REPORT_VERSION = 1
+LATENCY_REPORT_VERSION = 2  # 2: strict schema; ``sequences_per_s`` is derived, no longer stored
 PERCENTILES = (90.0, 95.0, 99.0)
+
+Flag = str | int | float | bool | None  # a value in LatencyResult.flags
 
 
 def trtexec_percentile(sorted_ms: Sequence[float], percentile: float) -> float:
@@ -39,8 +42,7 @@ def trtexec_median(sorted_ms: Sequence[float]) -> float:
     return (float(sorted_ms[n // 2 - 1]) + float(sorted_ms[n // 2])) / 2.0
 
 
-@dataclass(frozen=True, kw_only=True)
-class LatencyStats:
+class LatencyStats(Schema, frozen=True, kw_only=True):
     """min/max/mean/median/p90/p95/p99 in milliseconds, and the coefficient of variation."""
 
     count: int
@@ -72,26 +74,8 @@ class LatencyStats:
             cv=std / mean if mean > 0 else 0.0,
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LatencyStats:
-        return cls(
-            count=int(data["count"]),
-            min_ms=float(data["min_ms"]),
-            max_ms=float(data["max_ms"]),
-            mean_ms=float(data["mean_ms"]),
-            median_ms=float(data["median_ms"]),
-            p90_ms=float(data["p90_ms"]),
-            p95_ms=float(data["p95_ms"]),
-            p99_ms=float(data["p99_ms"]),
-            cv=float(data["cv"]),
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class LatencyResult:
+class LatencyResult(Schema, frozen=True, kw_only=True):
     """One model on one runtime at one input shape."""
 
     label: str  # preset or model name shown in plots
@@ -106,78 +90,27 @@ class LatencyResult:
     h2d: LatencyStats | None = None  # None where the runtime has no separate transfer (CPU)
     d2h: LatencyStats | None = None
     throughput_qps: float  # inferences per second of wall time
-    flags: Mapping[str, Any] = field(default_factory=dict)  # every setting that affects the numbers
+    flags: dict[str, Flag] = msgspec.field(default_factory=dict)  # every setting that affects the numbers
 
     @property
     def sequences_per_s(self) -> float:
+        """Sequences per second (``throughput_qps * batch``)."""
         return self.throughput_qps * self.batch
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "runtime": self.runtime,
-            "runtime_version": self.runtime_version,
-            "model": self.model,
-            "batch": self.batch,
-            "seq": self.seq,
-            "warmup_ms": self.warmup_ms,
-            "latency": self.latency.to_dict(),
-            "compute": self.compute.to_dict(),
-            "h2d": None if self.h2d is None else self.h2d.to_dict(),
-            "d2h": None if self.d2h is None else self.d2h.to_dict(),
-            "throughput_qps": self.throughput_qps,
-            "sequences_per_s": self.sequences_per_s,
-            "flags": dict(self.flags),
-        }
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LatencyResult:
-        def stats(key: str) -> LatencyStats | None:
-            return None if data.get(key) is None else LatencyStats.from_dict(data[key])
-
-        latency, compute = stats("latency"), stats("compute")
-        if latency is None or compute is None:
-            raise ConfigError("latency result lacks 'latency' or 'compute' statistics")
-        return cls(
-            label=str(data["label"]),
-            runtime=str(data["runtime"]),
-            runtime_version=str(data["runtime_version"]),
-            model=str(data["model"]),
-            batch=int(data["batch"]),
-            seq=int(data["seq"]),
-            warmup_ms=float(data["warmup_ms"]),
-            latency=latency,
-            compute=compute,
-            h2d=stats("h2d"),
-            d2h=stats("d2h"),
-            throughput_qps=float(data["throughput_qps"]),
-            flags=dict(data.get("flags", {})),
-        )
-
-
-@dataclass(frozen=True, kw_only=True)
-class LatencyReport:
+class LatencyReport(Schema, frozen=True, kw_only=True):
     """Every measured point of one profiling run, plus what was skipped and why."""
 
     results: tuple[LatencyResult, ...]
     skipped: tuple[str, ...] = ()
-    host: Mapping[str, str] = field(default_factory=dict)
-    version: int = field(default=LATENCY_REPORT_VERSION)
+    host: dict[str, str] = msgspec.field(default_factory=dict)
+    version: int = LATENCY_REPORT_VERSION
 
     def to_json(self) -> str:
-        data = {
-            "version": self.version,
-            "host": dict(self.host),
-            "skipped": list(self.skipped),
-            "results": [r.to_dict() for r in self.results],
-        }
-        return canonical_json(data)
+        """Canonical JSON (sorted keys); :meth:`from_json` reads it back equal."""
+        return to_json(self)
 
     @classmethod
-    def from_json(cls, text: str) -> LatencyReport:
-        data = versioned_object(text, "latency report", LATENCY_REPORT_VERSION)
-        return cls(
-            results=tuple(LatencyResult.from_dict(r) for r in data["results"]),
-            skipped=tuple(data.get("skipped", ())),
-            host=dict(data.get("host", {})),
-        )
+    def from_json(cls, text: str | bytes) -> LatencyReport:
+        """Decode a report; a wrong version, an unknown key or a bad value raises ConfigError."""
+        return decode_json(text, cls, "latency report", version=LATENCY_REPORT_VERSION)

@@ -3,9 +3,12 @@
 The text is written by hand in a fixed layout (golden-file tested) and checked against Triton's
 ``ModelConfig`` protobuf when ``tritonclient`` is installed: unknown fields or enum values are rejected.
 
-Batching (PLATFORM.md section 9): when every engine input and output has a dynamic axis 0 covered by the
-optimization profile, Triton owns that axis (``max_batch_size > 0``; dims exclude it) and dynamic
-batching is enabled; otherwise ``max_batch_size: 0`` and the full shapes are listed.
+Batching: when every engine input and output has a dynamic axis 0 covered by the optimization profile,
+Triton owns that axis (``max_batch_size > 0``; dims exclude it) and dynamic batching is enabled; otherwise
+``max_batch_size: 0`` and the full shapes are listed. Decoder engines with a KV cache need nothing special:
+their ``past_key_values.*`` inputs and ``present.*`` outputs are batch-first like every other tensor, so
+they are listed as ``[kv_heads, -1, head_dim]`` with their own dtype, and the dynamic batcher only joins
+requests whose cache lengths match (Triton batches equal shapes only).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from builder.engine.manifest import EngineManifest, read_manifest
+from builder.engine.outputs import check_output_dir
 from builder.serve.config import TritonOptions, render_config, validate_config
 from builder.serve.ensemble import text_front_end
 from calib.artifact_io import sha256_file
@@ -99,6 +100,7 @@ def _existing(model_dir: Path) -> dict[str, str]:
 def _check_repo(repo: Path) -> None:
     if repo.exists() and not repo.is_dir():
         raise ConfigError(f"model repository {str(repo)!r} is a file, not a folder")
+    check_output_dir(repo, parents=True)
 
 
 def _status(model_dir: Path, files: Files, force: bool) -> ExportStatus:

@@ -29,7 +29,7 @@ from plugins.common import (
 
 OP_TYPE = "SoftmaxQuantize"
 SCHEMA_VERSION = 1
-# softmax outputs lie in [0, 1]: 1/127 is a legal static scale that needs no calibration (DESIGN.md section 3)
+# softmax outputs lie in [0, 1]: 1/127 is a legal static scale that needs no calibration (no range method needed)
 DEFAULT_SCALE = 1.0 / INT8_MAX
 MAX_RANK = 4
 
