@@ -32,11 +32,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from builder.engine.outputs import check_output_file
     from builder.graph.analyze import analyze
     from builder.graph.load import load_model
     from builder.graph.render import format_report
     from calib.artifact_io import atomic_write_text
 
+    if args.json is not None:  # one file written atomically: checked, not locked
+        check_output_file(args.json)
     path: Path = args.model
     model = load_model(path)
     report = analyze(model, name=args.name or path.stem)

@@ -21,6 +21,7 @@ EPILOG = """\
 examples:
   build-engine build engines/minilm-int8 --backend tensorrt-rtx --arch sm86,sm89 --batch 1,8,32 --seq 1,128,128
   build-engine build model.onnx -o engines/fp32 --backend tensorrt --opt-level 3 --timing-cache tc.bin
+  build-engine build decoder.onnx -o engines/llama --batch 1,4,8 --seq 1,64,512 --past 0,128,1024
   build-engine build model.onnx --backend tensorrt --typing weak --int8-mode implicit \\
       --calibration-cache engines/x/calibration.cache
 
@@ -42,6 +43,8 @@ def add_engine_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--backend", default="auto", help="auto | tensorrt | tensorrt-rtx (default: auto)")
     group.add_argument("--batch", default="1,8,32", help="batch min,opt,max of the profile (default: 1,8,32)")
     group.add_argument("--seq", default="1,128,128", help="sequence min,opt,max (default: 1,128,128)")
+    group.add_argument("--past", help="decoders with a KV cache: cache length min,opt,max, e.g. 0,128,1024 "
+                        "(the attention mask gets past+seq)")
     group.add_argument("--workspace-mib", type=int, help="workspace memory limit in MiB")
     group.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default: 3)")
     group.add_argument("--timing-cache", help="timing cache file, read and updated (full TensorRT only)")
@@ -98,7 +101,8 @@ def build_options(args: argparse.Namespace, model_path: Path) -> BuildOptions:
         cache = str(model_path.parent / "calibration.cache")
     return BuildOptions(
         backend=BackendName.parse(args.backend),
-        profiles=(ShapeProfile(batch=DimRange.parse(args.batch, "--batch"), seq=DimRange.parse(args.seq, "--seq")),),
+        profiles=(ShapeProfile(batch=DimRange.parse(args.batch, "--batch"), seq=DimRange.parse(args.seq, "--seq"),
+                               past=DimRange.parse(args.past, "--past", minimum=0) if args.past else None),),
         workspace_mib=args.workspace_mib,
         optimization_level=args.opt_level,
         timing_cache=args.timing_cache,
@@ -113,6 +117,7 @@ def build_options(args: argparse.Namespace, model_path: Path) -> BuildOptions:
 
 
 def run(args: argparse.Namespace) -> int:
+    from builder.cli.lock import claim_output_dir
     from builder.engine.build import MODEL_FILE, BuildInputs, build_engine_dir
     from calib.errors import ConfigError
 
@@ -129,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(options.to_dict(), indent=2, sort_keys=True))
         return 0
     out_dir: Path = args.output or default_out
-    outcome = build_engine_dir(BuildInputs.beside(model_path), options, out_dir, force=args.force)
+    with claim_output_dir(out_dir, "build", parents=args.output is None):  # the default engines/<stem> may be new
+        outcome = build_engine_dir(BuildInputs.beside(model_path), options, out_dir, force=args.force)
     manifest = outcome.manifest
     if outcome.reused:
         print(f"reusing engine {outcome.plan_path} (inputs unchanged; --force rebuilds)")

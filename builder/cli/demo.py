@@ -7,11 +7,12 @@ the best available backend, evaluate against FP32 -> one summary table. Each ste
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from builder.cli.run import PipelineResult
+    from builder.cli.oneshot import PipelineResult
     from builder.evaluate.evaluate import EvalData, Reference
     from builder.graph.report import GraphReport
 
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-build", action="store_true", help="skip engine builds")
     parser.add_argument("--cache-dir", type=Path, help="folder for the cached ONNX export (default: ~/.cache)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the GraphReport as JSON to PATH")
+    parser.add_argument("--fresh", action="store_true", help="ignore the statistics.npz of an earlier calibration")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -88,29 +90,62 @@ def summary_table(results: list[PipelineResult], data: EvalData, reference: Refe
 
 
 def run(args: argparse.Namespace) -> int:
+    from contextlib import ExitStack
+
+    from builder.cli.lock import claim_output_dir
+    from builder.engine.outputs import check_output_dir, check_output_file
+
+    recipes = list(dict.fromkeys(r.strip() for r in args.recipes.split(",") if r.strip()))
+    if args.json is not None:  # one file written atomically: checked, not locked
+        check_output_file(args.json)
+    check_output_dir(args.engines)
+    with ExitStack() as folders:  # every recipe folder checked and locked before any work
+        for recipe in recipes:
+            folders.enter_context(claim_output_dir(args.engines / f"minilm-{recipe}", "demo", parents=True))
+        _check_export_cache(args.cache_dir)
+        return _demo(args, recipes)
+
+
+def _check_export_cache(cache_dir: Path | None) -> None:
+    """The MiniLM export is written into its cache folder once: that folder must be writable then."""
+    from builder.engine.outputs import check_output_dir
+    from builder.intake.minilm import minilm_model_dir, minilm_onnx_cache_path
+
+    minilm_model_dir()  # BackendUnavailable naming the package when it is not installed
+    export = minilm_onnx_cache_path(cache_dir)
+    if not export.is_file():
+        check_output_dir(export.parent, parents=True)
+
+
+def _demo(args: argparse.Namespace, recipes: list[str]) -> int:
     from builder.backends.options import BackendName, BuildOptions
     from builder.cli.oneshot import PipelineRequest, evaluation_data, run_pipeline
     from builder.cli.steps import CalibSettings
-    from calib.calibrate import RangeSpec
     from calib.range_table import RangeMethod
+    from calib.ranges import RangeSpec
 
     path = export_step(args.cache_dir)
     analyze_step(path, args.json)
-    recipes = [r.strip() for r in args.recipes.split(",") if r.strip()]
     options = None if args.no_build else BuildOptions(
         backend=BackendName.parse(args.backend), optimization_level=3,
         architectures=tuple(a for a in args.arch.split(",") if a))
     print(f"\npreparing the FP32 reference on {args.eval_test} test / {args.eval_train} train sentences", flush=True)
-    evaluation = evaluation_data(args.eval_train, args.eval_test, 0, path)
-    collection = None
+    encoder = CalibSettings().encoder(path)
+
+    @functools.cache
+    def evaluation() -> tuple[EvalData, Reference]:  # computed once, by the first recipe, and shared
+        return evaluation_data(args.eval_train, args.eval_test, 0, path, encoder,
+                               cache_dir=args.engines / "minilm-eval-cache", progress=not args.no_progress)
+
+    statistics = None
     results = []
     for recipe in recipes:
         print(f"\n== {recipe}", flush=True)
         request = PipelineRequest(model_path=path, folder=args.engines / f"minilm-{recipe}", recipe=recipe,
-                                  calibration=CalibSettings(), primary=RangeSpec(method=RangeMethod.MAX),
-                                  build=options, progress=not args.no_progress)
-        result, collection = run_pipeline(request, collection=collection, evaluation=evaluation)
+                                  calibration=CalibSettings(), ranges_view=RangeSpec(method=RangeMethod.MAX),
+                                  build=options, fresh=args.fresh, progress=not args.no_progress)
+        result, statistics = run_pipeline(request, statistics=statistics, evaluation=evaluation)
         results.append(result)
     print("\nsummary (ONNX Runtime CPU accuracy of each lowered graph; engines built, not run, on this machine)")
-    print(summary_table(results, *evaluation, path))
+    print(summary_table(results, *evaluation(), path))
     return 0

@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from builder.cli.lock import claim_output_dir
     from builder.serve.config import TritonOptions
     from builder.serve.export import export_triton
 
@@ -48,8 +49,9 @@ def run(args: argparse.Namespace) -> int:
         max_queue_delay_us=args.max_queue_delay_us,
         cuda_graphs=args.cuda_graphs,
     )
-    result = export_triton(args.engine, args.repo, options, force=args.force, tokenizer=args.tokenizer,
-                           max_length=args.max_length)
+    with claim_output_dir(args.repo, "export-triton"):  # checked and locked before any work
+        result = export_triton(args.engine, args.repo, options, force=args.force, tokenizer=args.tokenizer,
+                               max_length=args.max_length)
     print(f"{result.status.value}: {result.model_dir}")
     for extra in result.extra_models:
         print(f"also: {args.repo / extra}")

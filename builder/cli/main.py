@@ -1,7 +1,8 @@
 """CLI stage: the ``build-engine`` entry point.
 
 Dispatches to one module per subcommand (see :mod:`builder.cli.registry`), maps :class:`ToolkitError`
-to its exit code and prints a one-line message instead of a traceback.
+to its exit code and prints a one-line message instead of a traceback; an ``OSError`` that escapes the
+up-front output checks (disk full, a folder removed mid-run) is reported the same way with exit 2.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ToolkitError as exc:
         print(f"build-engine: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the file system refused a write the checks could not foresee (disk full, a race)
+        logging.getLogger(__name__).debug("file system error", exc_info=True)
+        paths = " -> ".join(repr(str(p)) for p in (exc.filename, exc.filename2) if p is not None)
+        print(f"build-engine: error: {paths + ': ' if paths else ''}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("build-engine: interrupted", file=sys.stderr)
         return 130

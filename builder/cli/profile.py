@@ -24,9 +24,12 @@ exit codes: 0 ok, 2 bad input, 5 requested runtime not installed
 """
 
 
+DEFAULT_OUTPUT = Path("engines/profile")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("targets", nargs="+", help="[LABEL=]PATH of an .onnx file or an engine folder")
-    parser.add_argument("-o", "--output", type=Path, default=Path("engines/profile"), help="output folder")
+    parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUTPUT, help="output folder")
     parser.add_argument("--batch", default="1,8", help="comma-separated batch sizes (default: 1,8)")
     parser.add_argument("--seq", default="32,128", help="comma-separated sequence lengths (default: 32,128)")
     parser.add_argument("--device", action="append", choices=["cpu", "cuda"], help="ONNX Runtime device(s) "
@@ -67,14 +70,19 @@ def _tokenizer(args: argparse.Namespace) -> Path | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from builder.cli.lock import claim_output_dir
+
+    with claim_output_dir(args.output, "profile", parents=args.output == DEFAULT_OUTPUT):  # the default may be new
+        return _profile(args)
+
+
+def _profile(args: argparse.Namespace) -> int:
     from builder.profile.ort import TimingConfig
     from builder.profile.plots import plot_accuracy_vs_latency, plot_latency_vs_batch, read_accuracy
     from builder.profile.sweep import ProfileTarget, SweepConfig, run_sweep
     from calib.artifact_io import atomic_write_text
     from calib.errors import ConfigError
 
-    if args.output.exists() and not args.output.is_dir():
-        raise ConfigError(f"output {str(args.output)!r} is a file, not a folder")
     targets = [ProfileTarget.parse(t) for t in args.targets]
     config = SweepConfig(
         batches=_ints(args.batch, "--batch"),

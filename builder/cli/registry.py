@@ -19,6 +19,9 @@ SUBCOMMANDS: dict[str, str] = {
     "export-triton": "builder.cli.export_triton",
     "profile": "builder.cli.profile",
     "evaluate": "builder.cli.evaluate",
+    "sweep": "builder.cli.sweep",
+    "search": "builder.cli.search",
+    "verify-accumulator": "builder.cli.verify_accumulator",
 }
 
 # The one-shot pipeline runs when the first argument is not a subcommand (``build-engine model.onnx ...``).

@@ -1,35 +1,47 @@
-"""CLI stage: pipeline steps that touch disk, shared by ``calibrate``, ``run`` (the one-shot pipeline) and ``demo``.
+"""CLI stage: pipeline steps that touch disk, shared by ``calibrate``, ``quantize``, the one-shot and ``demo``.
 
-Each step reads and writes files in one engine folder (``engines/<name>/``, DESIGN.md section 6) and reuses
-its earlier output when its inputs are unchanged. Reuse is keyed by a hash of every input, recorded in
-``stages.json``; the step reports whether it reused, so the CLI can say so.
+Each step reads and writes files in one engine folder (``engines/<name>/``) and reuses its earlier output
+when its inputs are unchanged. Reuse is keyed by a hash of every input, recorded in ``stages.json``; the step
+reports whether it reused, so the CLI can say so. The work itself is the library pipeline (builder.pipeline).
 """
 
 from __future__ import annotations
 
-import math
+import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from calib.artifact_io import atomic_write_json, canonical_json, read_json, sha256_file, sha256_text
+import msgspec
+
+from calib.artifact_io import atomic_write_json, atomic_write_text, canonical_json, sha256_file, sha256_text
+from calib.errors import ConfigError
+from calib.histogram import DEFAULT_BINS
+from calib.schema import Schema, decode_json, to_json
 
 if TYPE_CHECKING:
     import onnx
 
     from builder.graph.report import GraphReport
+    from builder.plan.artifact import QuantPlan
     from builder.recipes.model import Recipe
-    from calib.calibrate import RangeSpec
-    from calib.collect import Collection
+    from calib.collect import CollectResult
     from calib.outliers import OutlierReport
-    from calib.range_table import RangeTable
-    from calib.tensor_stats import TensorStats
+    from calib.ranges import RangeSpec
+    from calib.statistics import Statistics
+    from calib.text_encoder import TextEncoder
+
+logger = logging.getLogger(__name__)
 
 STAGES_FILE = "stages.json"
-STATE_FILE = "calibration_state.npz"
-Label = tuple[int | None, str]
+STAGES_VERSION = 2  # 1: a flat {step: key} object without a version; 2: {"steps": {...}, "version": 2}
+STATE_FILE = "statistics.npz"
+HESSIAN_FILE = "hessians.npz"  # the second pass of OPTQ's Hessians (builder.pipeline.calibrate_weight_inputs)
+CHECKPOINT_EVERY = 8  # batches between Hessian checkpoints (one K x K exact sum per GEMM input: ~270 MB on MiniLM)
+OUTPUTS = ("model.onnx", "plan.json", "recipe.yaml", "precision.json")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,15 +53,20 @@ class CalibSettings:
     seed: int = 0
     batch_size: int = 16
     max_length: int = 128
-    tokenizer: Path | None = None  # None: the bundled MiniLM tokenizer
-    bins: int = 2048
+    tokenizer: Path | None = None  # None: found next to the model (the bundled MiniLM's for the bundled model)
+    input_map: tuple[str, ...] = ()  # --input-map role=name items (tokens, mask, token_types, positions)
+    bins: int = DEFAULT_BINS
 
-    def tokenizer_path(self) -> Path:
-        if self.tokenizer is not None:
-            return self.tokenizer
-        from builder.intake.minilm import tokenizer_json_path
+    def encoder(self, model: Path | onnx.ModelProto) -> TextEncoder:
+        """The checked text encoder of ``model`` (tokenizer found or given; vocabulary against the embedding)."""
+        from builder.evaluate.tokenizer import model_text_encoder
+        from calib.model_inputs import parse_input_map
 
-        return tokenizer_json_path()
+        return model_text_encoder(model, self.tokenizer, parse_input_map(list(self.input_map)))
+
+    @property
+    def source(self) -> str:
+        return f"{self.data}:{self.samples}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,13 +79,39 @@ class StepOutcome:
     seconds: float
 
 
+class StageKeys(Schema, frozen=True, kw_only=True):
+    """``stages.json``: per step, the hash of the inputs its outputs in this folder were made from."""
+
+    steps: dict[str, str] = msgspec.field(default_factory=dict)
+    version: int = STAGES_VERSION
+
+    def to_json(self) -> str:
+        """Canonical JSON (sorted keys); :meth:`from_json` reads it back equal."""
+        return to_json(self)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = STAGES_FILE) -> StageKeys:
+        """Decode ``stages.json``; a wrong version, an unknown key or a bad value raises ConfigError."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{where} is not valid JSON: {exc}") from None
+        if isinstance(data, dict) and "version" not in data:  # version 1 carried no version key
+            raise ConfigError(f"{where} version 1 (a flat step -> key object) not supported; expected {STAGES_VERSION}")
+        return decode_json(text, cls, where, version=STAGES_VERSION)
+
+
 class StageRecord:
-    """The input keys of the steps whose outputs lie in ``folder`` (``stages.json``)."""
+    """The input keys of the steps whose outputs lie in ``folder`` (``stages.json``, a :class:`StageKeys`)."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / STAGES_FILE
-        data = read_json(self.path) if self.path.is_file() else {}
-        self._keys: dict[str, str] = dict(data) if isinstance(data, dict) else {}
+        self._keys: dict[str, str] = {}
+        if self.path.is_file():
+            try:
+                self._keys = dict(StageKeys.from_json(self.path.read_bytes(), str(self.path)).steps)
+            except ConfigError as exc:  # a cache of reuse keys: what it cannot vouch for runs again
+                logger.warning("%s; every step of this folder runs afresh and rewrites it", exc)
 
     def fresh(self, step: str, key: str, outputs: Sequence[Path]) -> bool:
         """True when ``step`` last ran with ``key`` and all of its ``outputs`` still exist."""
@@ -76,7 +119,7 @@ class StageRecord:
 
     def record(self, step: str, key: str) -> None:
         self._keys[step] = key
-        atomic_write_json(self.path, self._keys)
+        atomic_write_text(self.path, StageKeys(steps=dict(self._keys)).to_json())
 
 
 def stage_key(**parts: Any) -> str:
@@ -84,143 +127,181 @@ def stage_key(**parts: Any) -> str:
     return sha256_text(canonical_json(parts))
 
 
-def tensor_labels(report: GraphReport) -> dict[str, Label]:
-    """(layer, role) of every tensor the analysis names: node outputs, and ``<role>.input`` for GEMM inputs."""
-    from builder.graph.targets import GEMM_ROLES
-
-    labels: dict[str, Label] = {}
-    for a in report.assignments:
-        for name in a.outputs:
-            labels.setdefault(name, (a.layer, a.role.value))
-    for a in report.assignments:
-        if a.role in GEMM_ROLES:
-            for name in a.inputs:
-                labels.setdefault(name, (a.layer, f"{a.role.value}.input"))
-    return labels
-
-
-def collect_statistics(model_path: Path, tensors: Sequence[str], settings: CalibSettings, folder: Path, *,
-                       fresh: bool = False, progress: bool = True) -> Collection:
-    """Run the collector over the calibration text, checkpointing into ``folder`` (resumes; reuses a finished run)."""
-    from tqdm import tqdm
-
-    from calib.collect import CollectOptions, collect
+def calibration_feeds(settings: CalibSettings, encoder: TextEncoder) -> list[dict[str, Any]]:
+    """The calibration texts of ``settings`` encoded into the model's feeds (the batches the collector sees)."""
     from calib.data import calibration_texts
     from calib.errors import ConfigError
-    from calib.tokenize import encode
 
     if settings.samples < 1 or settings.batch_size < 1:
         raise ConfigError(f"samples {settings.samples} and batch size {settings.batch_size} must be at least 1")
     texts = calibration_texts(settings.data, settings.samples, settings.seed)
+    return list(encoder.feeds(texts, settings.max_length, settings.batch_size, sort_by_length=True))
+
+
+def collect_statistics(model: onnx.ModelProto | Path, tensors: Sequence[str], settings: CalibSettings,
+                       folder: Path, encoder: TextEncoder, *, fresh: bool = False,
+                       progress: bool = True) -> CollectResult:
+    """Calibrate into ``folder/statistics.npz`` (resumes an interrupted run; reuses a finished one).
+
+    ``model`` is the float model (a prepared ModelProto, e.g. with weight-only quantized weights folded) or a
+    file to read; ``encoder`` (:meth:`CalibSettings.encoder`) turns the calibration texts into its feeds."""
+    from tqdm import tqdm
+
+    from calib.collect import CollectOptions, collect
+
+    feeds = calibration_feeds(settings, encoder)
     state = folder / STATE_FILE
     if fresh:
         state.unlink(missing_ok=True)
-    bar = tqdm(total=math.ceil(len(texts) / settings.batch_size), unit="batch", desc="calibrating",
-               disable=not progress)
+    bar = tqdm(total=len(feeds), unit="batch", desc="calibrating", disable=not progress)
 
     def advance(batches: int, samples: int) -> None:
         bar.update(batches - bar.n)
 
-    options = CollectOptions(num_bins=settings.bins, checkpoint=state, data_source=f"{settings.data}:{len(texts)}",
-                             progress=advance)
+    inputs = encoder.inputs
+    options = CollectOptions(bins=settings.bins, checkpoint=state, data_source=settings.source, progress=advance,
+                             mask_input=inputs.mask or "attention_mask", ids_input=inputs.tokens)
     try:
-        feeds = encode(texts, settings.tokenizer_path(), settings.max_length, settings.batch_size,
-                       sort_by_length=True)
-        return collect(model_path, feeds, tensors, options)
+        return collect(model, feeds, tensors, options)
     finally:
         bar.close()
 
 
-def write_ranges(table: RangeTable, folder: Path, header: str, stem: str = "ranges") -> list[Path]:
-    """Write ``<stem>.json`` (RangeTable) and, for the primary table, ``calibration.cache`` (TensorRT's format)."""
+def load_statistics(path: Path) -> Statistics:
+    """Statistics from a ``statistics.npz`` file or the folder ``calibrate`` wrote it into."""
+    from calib.errors import ConfigError
+    from calib.statistics import Statistics
+
+    target = path / STATE_FILE if path.is_dir() else path
+    if path.name == "ranges.json":  # the folder's view; its statistics lie beside it
+        target = path.with_name(STATE_FILE)
+    if not target.is_file():
+        raise ConfigError(f"no calibration statistics at {str(target)!r}; run `build-engine calibrate MODEL -o "
+                          f"{target.parent}` first (it writes {STATE_FILE})")
+    statistics = Statistics.load(target)
+    if not statistics.meta.complete:
+        raise ConfigError(f"the calibration in {str(target)!r} did not finish; run `build-engine calibrate` again "
+                          "into that folder to resume it (with --fresh to start over)")
+    return statistics
+
+
+def weight_statistics(source: onnx.ModelProto | Path, plan: QuantPlan, statistics: Statistics,
+                      feeds: Sequence[Mapping[str, Any]], folder: Path, *, data_source: str,
+                      progress: bool = True) -> Statistics:
+    """``statistics`` with what the plan's weight quantizers lack (OPTQ's Hessians), collected on the
+    calibration ``feeds`` (:func:`calibration_feeds`) into ``folder/hessians.npz`` (resumed when
+    interrupted, reused when complete; one of other tensors, model or data is started over). ``source`` is
+    what calibration ran (the model file, or the prepared ModelProto when weights were folded)."""
+    from tqdm import tqdm
+
+    from builder.pipeline import calibrate_weight_inputs
+    from builder.weights.hessians import missing
+    from calib.collect import CollectOptions
+    from calib.statistics import Statistics
+
+    wanted = missing(plan, statistics)
+    if not wanted:
+        return statistics
+    checkpoint = folder / HESSIAN_FILE
+    if checkpoint.is_file():
+        meta = Statistics.load(checkpoint).meta
+        if (meta.tensors != tuple(wanted) or meta.model_sha256 != statistics.meta.model_sha256
+                or (meta.complete and meta.data_digest != statistics.meta.data_digest)):
+            checkpoint.unlink()  # a cache of another recipe, model or data
+    bar = tqdm(total=len(feeds), unit="batch", desc=f"Hessians of {len(wanted)} GEMM inputs", disable=not progress)
+
+    def advance(batches: int, samples: int) -> None:
+        del samples
+        bar.update(batches - bar.n)
+
+    options = CollectOptions(checkpoint=checkpoint, checkpoint_every=CHECKPOINT_EVERY, data_source=data_source,
+                             progress=advance)
+    try:
+        return calibrate_weight_inputs(source, plan, statistics, feeds, options)
+    finally:
+        bar.close()
+
+
+def write_ranges(statistics: Statistics, spec: RangeSpec, folder: Path, *, model_name: str,
+                 header: str) -> list[Path]:
+    """Write ``ranges.json`` (the RangeTable view under ``spec``) and ``calibration.cache`` (TensorRT's format)."""
     from calib.artifact_io import atomic_write_text
     from calib.cache import cache_from_ranges, format_cache
+    from calib.ranges import range_table
 
-    written = [folder / f"{stem}.json"]
+    table = range_table(statistics, spec, model_name=model_name)
+    written = [folder / "ranges.json", folder / "calibration.cache"]
     atomic_write_text(written[0], table.to_json())
-    if stem == "ranges":
-        written.append(folder / "calibration.cache")
-        atomic_write_text(written[1], format_cache(cache_from_ranges(table, header)))
+    atomic_write_text(written[1], format_cache(cache_from_ranges(table, header)))
     return written
 
 
-def write_outliers(stats: Mapping[str, TensorStats], labels: Mapping[str, Label], folder: Path,
-                   tokenizer: Path) -> tuple[OutlierReport, list[Path]]:
+def write_outliers(report: GraphReport, statistics: Statistics, folder: Path,
+                   encoder: TextEncoder) -> tuple[OutlierReport, list[Path]]:
     """The Bondarenko-style outlier report as JSON, Markdown and per-dimension range plots."""
-    from tokenizers import Tokenizer
+    from builder.pipeline import outliers, tensor_labels
+    from calib.outliers import write_outlier_report
 
-    from calib.outliers import outlier_report, write_outlier_report
-
-    vocab = Tokenizer.from_file(str(tokenizer))
-    report = outlier_report(stats, labels, token_name=lambda i: str(vocab.id_to_token(i) or f"<{i}>"))
-    return report, write_outlier_report(report, stats, labels, folder)
-
-
-def spec_label(spec: RangeSpec) -> str:
-    return spec.method.value if spec.percentile is None else f"{spec.method.value}-{spec.percentile:g}"
-
-
-def decide_ranges(collection: Collection, recipe: Recipe, primary: RangeSpec, folder: Path, *, model_name: str,
-                  data_source: str, header: str) -> list[RangeTable]:
-    """The recipe's RangeTables from one collection; the first is ``ranges.json``, others ``ranges-<method>.json``."""
-    from builder.plan.ranges import required_specs, tables_for_recipe
-
-    tables = tables_for_recipe(collection, recipe, primary, model_name=model_name, data_source=data_source)
-    for index, (spec, table) in enumerate(zip(required_specs(recipe, primary), tables, strict=True)):
-        write_ranges(table, folder, header, "ranges" if index == 0 else f"ranges-{spec_label(spec)}")
-    return tables
-
-
-def calibration_feeds(settings: CalibSettings) -> list[dict[str, Any]]:
-    """The calibration texts of ``settings`` tokenized into batches (the same texts the collector sees)."""
-    from calib.data import calibration_texts
-    from calib.tokenize import encode
-
-    texts = calibration_texts(settings.data, settings.samples, settings.seed)
-    return list(encode(texts, settings.tokenizer_path(), settings.max_length, settings.batch_size,
-                       sort_by_length=True))
+    result = outliers(report, statistics, token_name=lambda i: encoder.decode([i]) or f"<{i}>")
+    return result, write_outlier_report(result, statistics.tensors, tensor_labels(report), folder)
 
 
 def quantize_step(  # noqa: PLR0913 -- the step's inputs plus the calibration data that bias correction reads
-        model_path: Path, model: onnx.ModelProto, report: GraphReport, recipe: Recipe,
-        tables: Sequence[RangeTable], flagged: tuple[int, ...] | None, variant: str,
-        folder: Path, *, calibration: CalibSettings | None = None) -> tuple[StepOutcome, str]:
-    """Plan and lower into ``folder/model.onnx`` (+ plan.json, recipe.yaml, precision.json), or reuse them.
-
-    ``calibration`` gives the texts for recipes that set ``bias_correction`` (ignored otherwise).
-    """
-    from builder.lower.quantize import lower_with_correction
-    from builder.plan.flops import gemm_flops
-    from builder.plan.planner import plan
+        model_path: Path, model: onnx.ModelProto, report: GraphReport, recipe: Recipe, statistics: Statistics,
+        flagged: tuple[int, ...] | None, variant: str, folder: Path, *,
+        calibration: CalibSettings | None = None) -> StepOutcome:
+    """Plan, quantize the weights and lower into ``folder/model.onnx`` (+ plan.json, recipe.yaml,
+    precision.json), or reuse them. ``calibration`` gives the texts for recipes that set ``bias_correction``."""
+    from builder.pipeline import plan_model, quantize_planned
+    from builder.plan.artifact import load_plan
+    from builder.plan.planner import statistics_digest
     from builder.recipes.loader import recipe_to_yaml
-    from calib.artifact_io import atomic_write_bytes, atomic_write_text
+    from builder.weights.hessians import recipe_needs_data
 
     started = time.perf_counter()
+    uses_data = recipe.uses_bias_correction or recipe_needs_data(recipe)  # bias correction, OPTQ, GPFQ
     recipe_yaml = recipe_to_yaml(recipe)
-    outputs = [folder / "model.onnx", folder / "plan.json", folder / "recipe.yaml", folder / "precision.json"]
+    outputs = [folder / name for name in OUTPUTS]
     key = stage_key(model=sha256_file(model_path), recipe=recipe_yaml, variant=variant,
                     flagged=list(flagged) if flagged is not None else None,
-                    ranges=[sha256_text(t.to_json()) for t in tables],
-                    **({"calibration": repr(calibration)} if recipe.uses_bias_correction else {}))
+                    statistics=statistics_digest(statistics),
+                    **({"calibration": repr(calibration)} if uses_data else {}))
     record = StageRecord(folder)
     if record.fresh("quantize", key, outputs):
-        from builder.plan.artifact import QuantPlan
-
-        share = QuantPlan.from_json((folder / "plan.json").read_text(encoding="utf-8")).int8_gemm_flop_share
+        share = load_plan((folder / "plan.json").read_text(encoding="utf-8")).int8_gemm_flop_share
         return StepOutcome(step="quantize", reused=True, summary=f"{recipe.name}, INT8 GEMM-FLOP share {share:.1%}",
-                           seconds=time.perf_counter() - started), recipe_yaml
-    quant_plan = plan(report, recipe, list(tables), outliers=flagged, flops=gemm_flops(model, report, 128),
-                      seq_len=128)
-    feeds = calibration_feeds(calibration) if calibration is not None and quant_plan.bias_correction_nodes else None
-    lowered = lower_with_correction(model, quant_plan, variant, feeds)
-    atomic_write_bytes(outputs[0], lowered.serialize())
-    atomic_write_text(outputs[1], quant_plan.to_json())
-    atomic_write_text(outputs[2], recipe_yaml)
-    atomic_write_json(outputs[3], lowered.precision)
+                           seconds=time.perf_counter() - started)
+    feeds = (calibration_feeds(calibration, calibration.encoder(model_path))
+             if calibration is not None and uses_data else None)
+    quant_plan = plan_model(model, report, recipe, statistics, flagged=flagged)
+    if feeds is not None and calibration is not None:  # OPTQ's Hessians: one resumable pass (folder/hessians.npz)
+        source = model_path if sha256_file(model_path) == statistics.meta.model_sha256 else model
+        statistics = weight_statistics(source, quant_plan, statistics, feeds, folder, data_source=calibration.source)
+    result = quantize_planned(model, quant_plan, statistics, variant=variant, feeds=feeds)
+    write_quantized(folder, result, recipe_yaml)
     record.record("quantize", key)
-    kept = sum(1 for n in quant_plan.nodes if n.precision.value != "int8")
-    summary = (f"{recipe.name} ({variant}): {len(quant_plan.activations)} quantized activations, "
-               f"{len(quant_plan.weights)} INT8 weights, {kept} nodes kept in higher precision, "
-               f"INT8 GEMM-FLOP share {quant_plan.int8_gemm_flop_share:.1%}")
-    return StepOutcome(step="quantize", reused=False, summary=summary, seconds=time.perf_counter() - started), \
-        recipe_yaml
+    return StepOutcome(step="quantize", reused=False, summary=quantize_summary(result, variant),
+                       seconds=time.perf_counter() - started)
+
+
+def write_quantized(folder: Path, result: Any, recipe_yaml: str | None) -> list[Path]:
+    """model.onnx, plan.json, recipe.yaml (when planned from a recipe) and precision.json of a
+    builder.pipeline.Quantized, each atomically."""
+    from calib.artifact_io import atomic_write_bytes, atomic_write_text
+
+    outputs = [folder / name for name in OUTPUTS]
+    atomic_write_bytes(outputs[0], result.model.serialize())
+    atomic_write_text(outputs[1], result.plan.to_json())
+    if recipe_yaml is not None:
+        atomic_write_text(outputs[2], recipe_yaml)
+    atomic_write_json(outputs[3], result.model.precision)
+    return outputs
+
+
+def quantize_summary(result: Any, variant: str) -> str:
+    plan = result.plan
+    kept = sum(1 for n in plan.nodes if n.precision.value != "int8")
+    return (f"{plan.recipe_name} ({variant}): {len(plan.activations)} quantized activations, "
+            f"{len(plan.weights)} INT8 weights, {kept} nodes kept in higher precision, "
+            f"INT8 GEMM-FLOP share {plan.int8_gemm_flop_share:.1%}")
+
