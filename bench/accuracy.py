@@ -1,7 +1,8 @@
 """Accuracy benchmark (`make bench`): every preset and ONNX Runtime's quantize_static, measured in one run.
 
-MiniLM is calibrated once on the 512 VADER calibration sentences (one collection pass, ranges decided with
-every method), each preset is planned and lowered (portable variant), ONNX Runtime's quantizer gets the same
+MiniLM is calibrated once on the 512 VADER calibration sentences (one Statistics; every preset decides its
+ranges from it), each preset goes through the library pipeline (builder.pipeline: plan, weights, portable
+lowering), ONNX Runtime's quantizer gets the same
 512 sentences, and every model is evaluated against FP32 on the disjoint probe train/test split and the Lee
 rated pairs. Prints one table, writes engines/bench/accuracy.json and engines/bench/accuracy.md.
 """
@@ -51,44 +52,29 @@ def _feeds(setup: Setup) -> Any:
 
 def collect_calibration(setup: Setup) -> tuple[Any, float]:
     """One collection pass over the calibration sentences (every preset's ranges come from it); wall seconds."""
-    from builder.graph.targets import calibration_tensors
-    from calib.collect import CollectOptions, collect
+    from builder.pipeline import calibrate
+    from calib.collect import CollectOptions
 
     started = time.perf_counter()
     options = CollectOptions(data_source=f"vader:{len(setup.calibration_texts)}")
-    collection = collect(setup.fp32, _feeds(setup), calibration_tensors(setup.fp32, setup.report), options)
-    return collection, time.perf_counter() - started
+    statistics = calibrate(setup.fp32, setup.report, _feeds(setup), options).statistics
+    return statistics, time.perf_counter() - started
 
 
-def preset_tables(collection: Any, preset: str, data_source: str) -> list[Any]:
-    """The RangeTables ``preset`` asks for (max first), decided from the shared collection."""
-    from builder.plan.ranges import tables_for_recipe
-    from builder.recipes.loader import load_preset
-    from calib.calibrate import RangeSpec
-    from calib.range_table import RangeMethod
+def flagged_layers(setup: Setup, statistics: Any) -> tuple[tuple[int, ...], list[dict[str, Any]]]:
+    """The layers bondarenko-mp keeps in 16 bits, by the outlier report's rule (calib.outliers.OutlierReport.
+    flagged_layers: the FFN output or residual sum has max|x| >= MP_OUTLIER_RATIO x its 99.99th percentile),
+    with the evidence."""
+    from builder.pipeline import outliers
+    from calib.outliers import MP_ROLES
 
-    return tables_for_recipe(collection, load_preset(preset), RangeSpec(method=RangeMethod.MAX),
-                             model_name="all-MiniLM-L6-v2", data_source=data_source)
-
-
-def flagged_layers(setup: Setup, collection: Any) -> tuple[tuple[int, ...], list[dict[str, Any]]]:
-    """The layers bondarenko-mp keeps in 16 bits, by the planner's rule (builder.plan.planner.flagged_layers:
-    the FFN output or residual sum has max|x| >= MP_OUTLIER_RATIO x its 99.99th percentile), with the evidence."""
-    from builder.plan.planner import MP_ROLES
-    from builder.plan.planner import flagged_layers as planner_flagged
-    from calib.outliers import outlier_report
-
-    labels = {}
-    for a in setup.report.assignments:
-        for t in a.outputs:
-            labels.setdefault(t, (a.layer, a.role.value))
-    report = outlier_report(collection.stats, labels)
+    report = outliers(setup.report, statistics)
     evidence = [
         {"layer": r.layer, "role": r.role, "amax": r.amax, "range_share": r.range_share,
          "outlier_dims": list(r.outlier_dims[:4]), "max_over_p9999": r.max_over_p9999}
         for r in report.rows if r.role in MP_ROLES and r.layer is not None
     ]
-    return planner_flagged(report) or (), evidence
+    return report.flagged_layers(), evidence
 
 
 def _timed(fn: Any) -> tuple[Any, float]:
@@ -97,26 +83,51 @@ def _timed(fn: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
-def build_models(setup: Setup, collection: Any, flagged: tuple[int, ...], presets: list[str]) -> dict[str, Any]:
+def build_models(setup: Setup, statistics: Any, flagged: tuple[int, ...], presets: list[str]) -> dict[str, Any]:
     """name -> (model or None, seconds, error or None) for every preset and ONNX Runtime baseline."""
     from builder.evaluate.ort_baseline import ORT_BASELINES, ort_quantize
-    from builder.lower.quantize import quantize
+    from builder.pipeline import quantize, resolve_recipe
 
     models: dict[str, Any] = {}
     for name in presets:
         try:
-            tables = preset_tables(collection, name, f"vader:{len(setup.calibration_texts)}")
+            recipe = resolve_recipe(name, setup.report)
             lowered, seconds = _timed(
-                lambda n=name, t=tables: quantize(setup.fp32, n, t, report=setup.report, outliers=flagged)
+                lambda r=recipe: quantize(setup.fp32, setup.report, r, statistics, flagged=flagged)
             )
-            models[name] = (lowered.model, seconds, None)
+            models[name] = (lowered.model.model, seconds, None)
         except Exception as exc:  # a benchmark row records any failure and the run goes on
             logger.exception("preset %s failed", name)
             models[name] = (None, 0.0, f"{type(exc).__name__}: {exc}")
+    models.update(sparq_baselines(setup, statistics, presets))
     for name, config in ORT_BASELINES.items():
         quantized, seconds = _timed(lambda c=config: ort_quantize(setup.fp32, _feeds(setup), c, setup.report))
         models[name] = (quantized, seconds, None)
     return models
+
+
+A4_BASELINE = "a4-p99"
+
+
+def sparq_baselines(setup: Setup, statistics: Any, presets: list[str]) -> dict[str, Any]:
+    """The plain 4-bit row SPARQ is measured against (when a sparq preset runs): sparq-b4's GEMM inputs, weights
+    and precisions with per-tensor symmetric 4-bit activations (codes in [-7, 7], builder.quant.lowbit) at the
+    99th percentile, the best range on 1,000 probe train sentences (mean cosine to FP32: max 0.361, p99.99 0.424,
+    p99.9 0.610, p99.5 0.667, p99 0.673, p98 0.607, 4-bit MSE 0.671)."""
+    from builder.pipeline import quantize
+    from builder.quant.lowbit import LowBitConfig, lowbit_counterpart
+    from builder.recipes.loader import load_preset
+
+    if not any(name.startswith("sparq-") for name in presets):
+        return {}
+    config = LowBitConfig(bits=4, range="percentile", percentile=99.0)
+    recipe = lowbit_counterpart(load_preset("sparq-b4"), config, A4_BASELINE)
+    try:
+        lowered, seconds = _timed(lambda: quantize(setup.fp32, setup.report, recipe, statistics))
+    except Exception as exc:  # a benchmark row records any failure and the run goes on
+        logger.exception("baseline %s failed", A4_BASELINE)
+        return {A4_BASELINE: (None, 0.0, f"{type(exc).__name__}: {exc}")}
+    return {A4_BASELINE: (lowered.model.model, seconds, None)}
 
 
 def layer_table_markdown(reports: list[Any], point: str = "block") -> str:
@@ -157,10 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     setup = _setup()
-    collection, calib_s = collect_calibration(setup)
-    flagged, evidence = flagged_layers(setup, collection)
+    statistics, calib_s = collect_calibration(setup)
+    flagged, evidence = flagged_layers(setup, statistics)
     logger.info("calibrated in %.1f s; flagged layers %s", calib_s, flagged)
-    models = build_models(setup, collection, flagged, list(args.presets))
+    models = build_models(setup, statistics, flagged, list(args.presets))
     data = load_eval_data(train_limit=args.train_samples, test_limit=args.test_samples,
                           layer_sentences=args.layer_sentences)
     reference, ref_s = _timed(lambda: prepare_reference(setup.fp32, data))

@@ -1,16 +1,27 @@
-"""Benchmark: our calibration vs ONNX Runtime ``quantize_static``'s calibrators on the same sentences.
+"""Benchmark: our calibration against its floor (a plain FP32 forward pass) and ONNX Runtime's calibrators.
 
-Both sides observe the same tensors (inputs and outputs of every MatMul, the set ``quantize_static`` picks with
-``op_types_to_quantize=["MatMul"]``) of the bundled MiniLM on the same VADER calibration sentences and
-compute Percentile (99.99) and Entropy (2048 bins -> 128 levels) ranges. Each configuration runs in its own
-child process, so wall time (model load, collection, range computation), CPU time and peak RSS are its own.
+Three comparisons on the bundled MiniLM and the same VADER calibration sentences, each configuration in a
+child process of its own (wall time, CPU time and peak RSS are its own):
 
-ONNX Runtime's histogram calibrators need equal-shape batches: its sentences are padded to the longest of
-the set (batch 16); ours pads each batch to its own longest and excludes padding from the statistics.
-``--ort-chunk`` feeds ONNX Runtime's ``collect_data`` that many batches at a time (default 4; 0: all at once, as
-``quantize_static`` does; it keeps every batch's activations in memory until the end).
+1. The floor: a plain ONNX Runtime session (default options) running every calibration batch. Our collection
+   pass (``calib.collect.collect``: the tensors ``build-engine calibrate`` observes, every observer) runs the
+   same batches; one pass serves every range method, which are decided afterwards from the one Statistics,
+   so the ratio that matters is collection / floor (each method's range decision is timed on its own).
+   Floor and collection alternate ``--repeat`` times; medians are reported.
+2. ONNX Runtime's calibrators (``create_calibrator``: MinMax, Percentile 99.99, Entropy with 2048 bins -> 128
+   levels; Distribution is its FP8 calibrator and has no INT8 counterpart) against ours on the same tensors
+   (inputs and outputs of every MatMul, ``quantize_static``'s MatMul-only selection): our time is a
+   collection pass with the observers the method needs (``minmax`` for max; ``minmax`` and ``histogram`` for
+   percentile and entropy) plus that method's range decision; the every-observer pass is shown beside it.
+   ONNX Runtime's histogram calibrators need equal-shape batches: its sentences are padded to the longest of
+   the set (for every method, as ``quantize_static`` is fed); ours pad each batch to its own longest and
+   exclude padding. ``--ort-chunk`` feeds ``collect_data`` that many batches at a time.
+3. Scale-out (the ``[ray]`` extra): shards collected by 1 and 2 Ray workers of one thread each on a private
+   Ray instance here (127.0.0.1), after a warm-up run; throughput in sentences/s and the cost of the exact
+   merge of the shards. To measure a real cluster, pass ``--ray-address HOST:PORT`` (or ``auto`` on a node
+   of it) and ``--workers 4,8,16``: the shards then run on its nodes.
 
-Prints a table and writes ``engines/bench/calibration.json``.
+Prints tables and writes ``engines/bench/calibration.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +30,7 @@ import argparse
 import json
 import math
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,7 +41,8 @@ from typing import Any
 import numpy as np
 
 OUT_PATH = Path("engines/bench/calibration.json")
-CONFIGS = ("ours:percentile", "ours:entropy", "ort:percentile", "ort:entropy")
+ORT_METHODS = ("minmax", "percentile", "entropy")
+OUR_METHODS = ("max", "percentile", "entropy", "mse")
 PERCENTILE = 99.99
 BATCH = 16
 
@@ -39,15 +52,20 @@ def _peak_rss_mb() -> float:
 
 
 def _cpu_s() -> float:
-    """User + system CPU seconds of this process, all threads (steadier than wall time on a shared machine)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def _texts(samples: int) -> list[str]:
-    from calib.data import vader_splits
+def _setup(samples: int) -> tuple[Path, Any, list[dict[str, np.ndarray]]]:
+    """The MiniLM file, the loaded model and the calibration feeds ``build-engine calibrate`` would make."""
+    import onnx
 
-    return [s.text for s in vader_splits(seed=0, calibration=samples).calibration]
+    from builder.cli.steps import CalibSettings, calibration_feeds
+    from builder.intake.minilm import ensure_minilm_onnx
+
+    path = ensure_minilm_onnx()
+    settings = CalibSettings(samples=samples, batch_size=BATCH)
+    return path, onnx.load(str(path)), calibration_feeds(settings, settings.encoder(path))
 
 
 def matmul_tensors(model: Any) -> list[str]:
@@ -57,24 +75,43 @@ def matmul_tensors(model: Any) -> list[str]:
     return [t for t in dict.fromkeys(names) if t and t not in initializers]
 
 
-def _run_ours(model_path: Path, method: str, samples: int) -> dict[str, Any]:
-    import onnx
-
-    from builder.intake.minilm import tokenizer_json_path
-    from calib.calibrate import RangeSpec, range_table
-    from calib.collect import collect
+def _spec(method: str) -> Any:
     from calib.range_table import RangeMethod
-    from calib.tokenize import encode
+    from calib.ranges import RangeSpec
 
+    return RangeSpec(method=RangeMethod(method), percentile=PERCENTILE if method == "percentile" else None)
+
+
+def _run_floor(samples: int) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    path, _, feeds = _setup(samples)
     started = time.perf_counter()
-    model = onnx.load(str(model_path))
-    tensors = matmul_tensors(model)
-    feeds = encode(_texts(samples), tokenizer_json_path(), 128, BATCH, sort_by_length=True)
-    collection = collect(model, feeds, tensors)
-    spec = RangeSpec(method=RangeMethod(method), percentile=PERCENTILE if method == "percentile" else None)
-    table = range_table(collection, spec, model_name="minilm", data_source="vader")
-    return {"seconds": time.perf_counter() - started, "tensors": len(table.ranges),
-            "amax": {k: table.get(k).amax for k in table}}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for feed in feeds:
+        session.run(None, feed)
+    return {"seconds": time.perf_counter() - started}
+
+
+def _run_ours(samples: int, tensor_set: str, kinds: str) -> dict[str, Any]:
+    """Our collection pass (``kinds``: every observer, or ``+``-joined observer kinds) and each range decision."""
+    from builder.pipeline import analyze_model, calibration_tensors
+    from calib.collect import CollectOptions, collect
+    from calib.ranges import range_table
+
+    path, model, feeds = _setup(samples)
+    tensors = matmul_tensors(model) if tensor_set == "matmul" else calibration_tensors(model, analyze_model(model))
+    options = CollectOptions(kinds=tuple(kinds.split("+"))) if kinds else CollectOptions()
+    started = time.perf_counter()
+    stats = collect(path, feeds, tensors, options).statistics
+    collect_s = time.perf_counter() - started
+    methods, amax = {}, {}
+    for method in OUR_METHODS if "histogram" in options.kinds else ("max",):
+        begin = time.perf_counter()
+        table = range_table(stats, _spec(method), model_name="minilm")
+        methods[method] = time.perf_counter() - begin
+        amax[method] = {k: table.get(k).amax for k in table}
+    return {"seconds": collect_s, "tensors": len(tensors), "methods_s": methods, "amax": amax}
 
 
 class _Reader:
@@ -87,55 +124,61 @@ class _Reader:
         return next(self._batches, None)
 
 
-def _run_ort(model_path: Path, method: str, samples: int, chunk: int) -> dict[str, Any]:
+def _run_ort(method: str, samples: int, chunk: int) -> dict[str, Any]:
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 
-    from builder.intake.minilm import tokenizer_json_path
+    from builder.intake.minilm import ensure_minilm_onnx, tokenizer_json_path
+    from calib.data import calibration_texts
     from calib.tokenize import encode, load_tokenizer
 
-    started = time.perf_counter()
-    texts = _texts(samples)
+    path = ensure_minilm_onnx()
+    texts = calibration_texts("vader", samples, 0)
     longest = max(len(e.ids) for e in load_tokenizer(tokenizer_json_path(), 128).encode_batch(texts))
     batches = list(encode(texts, tokenizer_json_path(), 128, BATCH, pad_to=longest))
-    options: dict[str, Any] = {"num_bins": 2048, "symmetric": True}
+    started = time.perf_counter()
+    options: dict[str, Any] = {"symmetric": True}
+    kind = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}[method]
     if method == "percentile":
-        options["percentile"] = PERCENTILE
-        calibrate_method = CalibrationMethod.Percentile
-    else:
-        options["num_quantized_bins"] = 128
-        calibrate_method = CalibrationMethod.Entropy
+        options.update(num_bins=2048, percentile=PERCENTILE)
+    elif method == "entropy":
+        options.update(num_bins=2048, num_quantized_bins=128)
     with tempfile.TemporaryDirectory() as tmp:
-        calibrator = create_calibrator(model_path, ["MatMul"], augmented_model_path=str(Path(tmp) / "aug.onnx"),
-                                       calibrate_method=calibrate_method, extra_options=options)
+        calibrator = create_calibrator(path, ["MatMul"], augmented_model_path=str(Path(tmp) / "aug.onnx"),
+                                       calibrate_method=kind, extra_options=options)
         step = chunk or len(batches)
         for start in range(0, len(batches), step):
             calibrator.collect_data(_Reader(batches[start:start + step]))
         data = calibrator.compute_data()
-    ranges = {name: float(max(abs(float(r.range_value[0])), abs(float(r.range_value[1]))))
-              for name, r in data.data.items()}
-    return {"seconds": time.perf_counter() - started, "tensors": len(ranges), "amax": ranges,
-            "padded_length": longest}
+    ranges = {name: float(np.max(np.abs(np.concatenate([np.ravel(v) for v in r.range_value]))))
+              for name, r in data.data.items()}  # (min, max) scalars, or arrays of one element (MinMax)
+    return {"seconds": time.perf_counter() - started, "tensors": len(ranges), "amax": ranges}
 
 
 def child(config: str, samples: int, chunk: int) -> dict[str, Any]:
-    """Run one configuration in this process and report its wall time and peak RSS."""
-    from builder.intake.minilm import ensure_minilm_onnx
-
-    model_path = ensure_minilm_onnx()
+    """Run one configuration in this process and report its wall time, CPU time and peak RSS."""
     baseline, cpu_before = _peak_rss_mb(), _cpu_s()
-    side, method = config.split(":")
-    result = _run_ours(model_path, method, samples) if side == "ours" else _run_ort(model_path, method, samples,
-                                                                                     chunk)
+    side, _, arg = config.partition(":")
+    if side == "floor":
+        result = _run_floor(samples)
+    elif side == "ours":
+        tensor_set, _, kinds = arg.partition(":")
+        result = _run_ours(samples, tensor_set, kinds)
+    elif side == "ort":
+        result = _run_ort(arg, samples, chunk)
+    else:
+        raise SystemExit(f"unknown configuration {config!r}")
     result.update({"config": config, "peak_rss_mb": _peak_rss_mb(), "rss_before_mb": baseline,
                    "cpu_s": _cpu_s() - cpu_before})
     return result
 
 
-def _spawn(config: str, samples: int, chunk: int) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "bench.calibration", "--child", config, "--samples", str(samples),
-                           "--ort-chunk", str(chunk)], capture_output=True, text=True, check=False)
+def _spawn(config: str, args: argparse.Namespace) -> dict[str, Any]:
+    command = [sys.executable, "-m", "bench.calibration", "--child", config, "--samples", str(args.samples),
+               "--ort-chunk", str(args.ort_chunk)]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
-        return {"config": config, "error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+        return {"config": config, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
@@ -146,46 +189,98 @@ def _agreement(ours: dict[str, float], theirs: dict[str, float]) -> float:
     return float(np.median([abs(math.log(ours[k] / theirs[k])) for k in shared])) if shared else math.nan
 
 
+def _median(runs: list[dict[str, Any]], key: str = "seconds") -> float:
+    return float(statistics.median(r[key] for r in runs))
+
+
+def _floor_section(args: argparse.Namespace) -> dict[str, Any]:
+    floors, ours = [], []
+    for _ in range(args.repeat):  # alternate, so both see the same machine load
+        floors.append(_spawn("floor", args))
+        ours.append(_spawn("ours:calibrate:", args))
+    failed = [r for r in floors + ours if "error" in r]
+    if failed:
+        print(f"floor comparison failed: {failed[0]['error']}")
+        return {"error": failed[0]["error"]}
+    floor_s, ours_s = _median(floors), _median(ours)
+    methods = {m: float(statistics.median(r["methods_s"][m] for r in ours)) for m in OUR_METHODS}
+    print(f"\nfloor: plain FP32 forward pass over {args.samples} VADER sentences (ORT defaults), median of "
+          f"{args.repeat}: {floor_s:.2f} s (CPU {_median(floors, 'cpu_s'):.1f} s)")
+    print(f"collection pass ({ours[0]['tensors']} tensors, every observer; serves every method): {ours_s:.2f} s "
+          f"(CPU {_median(ours, 'cpu_s'):.1f} s) = {ours_s / floor_s:.2f}x the floor")
+    for method in OUR_METHODS:
+        total = ours_s + methods[method]
+        print(f"  {method:<11} ranges decided in {methods[method]:.3f} s; calibration with this method "
+              f"{total:.2f} s = {total / floor_s:.2f}x the floor")
+    return {"floor_s": floor_s, "collect_s": ours_s, "ratio": ours_s / floor_s, "methods_s": methods,
+            "floor_runs": floors, "collect_runs": [{k: v for k, v in r.items() if k != "amax"} for r in ours]}
+
+
+def _ort_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """ONNX Runtime's calibrators against ours: the observers each method needs (minmax for max; minmax and the
+    histogram for percentile and entropy), and the every-observer pass that serves all methods at once."""
+    every = _spawn("ours:matmul", args)
+    needed = {"minmax": _spawn("ours:matmul:minmax", args), "hist": _spawn("ours:matmul:minmax+histogram", args)}
+    rows = []
+    print("\nvs ONNX Runtime's calibrators (MatMul inputs/outputs): ours = collection pass + that method's ranges, "
+          "with the observers the method needs / with every observer")
+    print(f"{'method':<11} {'ours s':>8} {'every s':>8} {'ORT s':>8} {'speedup':>8} {'every':>7} {'CPU ours/ORT':>13} "
+          f"{'ours MB':>8} {'ORT MB':>8} {'|log amax ratio|':>17}")
+    for method in ORT_METHODS:
+        ort = _spawn(f"ort:{method}", args)
+        ours = needed["minmax" if method == "minmax" else "hist"]
+        failed = next((r["error"] for r in (every, ours, ort) if "error" in r), None)
+        if failed is not None:
+            print(f"{method:<11} failed: {failed}")
+            rows.append({"method": method, "error": failed})
+            continue
+        mine = {"minmax": "max"}.get(method, method)
+        ours_s, every_s = ours["seconds"] + ours["methods_s"][mine], every["seconds"] + every["methods_s"][mine]
+        row = {"method": method, "ours_s": ours_s, "every_observer_s": every_s, "ort_s": ort["seconds"],
+               "speedup": ort["seconds"] / ours_s, "speedup_every_observer": ort["seconds"] / every_s,
+               "ours_cpu_s": ours["cpu_s"], "ort_cpu_s": ort["cpu_s"], "ours_peak_rss_mb": ours["peak_rss_mb"],
+               "ort_peak_rss_mb": ort["peak_rss_mb"], "tensors": ours["tensors"], "ort_tensors": ort["tensors"],
+               "median_abs_log_amax_ratio": _agreement(ours["amax"][mine], ort["amax"])}
+        rows.append(row)
+        cpu = f"{row['ours_cpu_s']:.0f}/{row['ort_cpu_s']:.0f}"
+        print(f"{method:<11} {ours_s:>8.2f} {every_s:>8.2f} {ort['seconds']:>8.2f} {row['speedup']:>7.1f}x "
+              f"{row['speedup_every_observer']:>6.1f}x {cpu:>13} {row['ours_peak_rss_mb']:>8.0f} "
+              f"{row['ort_peak_rss_mb']:>8.0f} {row['median_abs_log_amax_ratio']:>17.3f}")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.calibration", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--repeat", type=int, default=3, help="floor/collection pairs (medians reported)")
     parser.add_argument("--ort-chunk", type=int, default=4,
                         help="batches per ORT collect_data call (default 4 = 64 sentences; 0: all at once)")
-    parser.add_argument("--only", choices=("percentile", "entropy"), help="benchmark one method")
-    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", default="1,2", help="Ray worker counts of the scale-out section ('' skips)")
+    parser.add_argument("--ray-address", default="local", help="local (a private Ray here) or a cluster address")
+    parser.add_argument("--skip-ort", action="store_true", help="skip the ONNX Runtime comparison")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=OUT_PATH)
     args = parser.parse_args(argv)
     if args.child:
+        if args.child.startswith("ray:"):
+            from bench.calibration_scale import run_workers
+
+            print(json.dumps(run_workers(args.samples, args.child.removeprefix("ray:"), args.ray_address)))
+            return 0
         print(json.dumps(child(args.child, args.samples, args.ort_chunk)))
         return 0
-    methods = [args.only] if args.only else ["percentile", "entropy"]
-    results = {c: _spawn(c, args.samples, args.ort_chunk) for m in methods for c in (f"ours:{m}", f"ort:{m}")}
-    rows = []
-    print(f"calibration of MiniLM on {args.samples} VADER sentences (MatMul inputs/outputs, 2-core CPU)")
-    print(f"{'method':<11} {'ours s':>8} {'ORT s':>8} {'speedup':>8} {'CPU s ours/ORT':>15} {'CPU ratio':>9} "
-          f"{'ours MB':>8} {'ORT MB':>8} {'mem ratio':>9}")
-    for method in methods:
-        ours, ort = results[f"ours:{method}"], results[f"ort:{method}"]
-        if "error" in ours or "error" in ort:
-            print(f"{method:<11} failed: {ours.get('error') or ort.get('error')}")
-            rows.append({"method": method, "ours": ours, "ort": ort})
-            continue
-        row = {"method": method, "ours_s": ours["seconds"], "ort_s": ort["seconds"],
-               "speedup": ort["seconds"] / ours["seconds"], "ours_cpu_s": ours["cpu_s"], "ort_cpu_s": ort["cpu_s"],
-               "cpu_ratio": ort["cpu_s"] / ours["cpu_s"], "ours_peak_rss_mb": ours["peak_rss_mb"],
-               "ort_peak_rss_mb": ort["peak_rss_mb"], "memory_ratio": ort["peak_rss_mb"] / ours["peak_rss_mb"],
-               "tensors": ours["tensors"], "ort_tensors": ort["tensors"], "ort_padded_length": ort["padded_length"],
-               "median_abs_log_amax_ratio": _agreement(ours["amax"], ort["amax"])}
-        rows.append(row)
-        cpu = f"{row['ours_cpu_s']:.0f}/{row['ort_cpu_s']:.0f}"
-        print(f"{method:<11} {row['ours_s']:>8.1f} {row['ort_s']:>8.1f} {row['speedup']:>7.1f}x {cpu:>15} "
-              f"{row['cpu_ratio']:>8.1f}x {row['ours_peak_rss_mb']:>8.0f} {row['ort_peak_rss_mb']:>8.0f} "
-              f"{row['memory_ratio']:>8.1f}x")
+    print(f"calibration of MiniLM on {args.samples} VADER sentences (2-core CPU unless stated)")
+    report: dict[str, Any] = {"samples": args.samples, "percentile": PERCENTILE, "ort_chunk": args.ort_chunk}
+    report["floor"] = _floor_section(args)
+    report["ort"] = [] if args.skip_ort else _ort_section(args)
+    if args.workers:
+        from bench.calibration_scale import scale_section
+
+        report["scale"] = scale_section(args)
     from calib.artifact_io import atomic_write_json
 
-    atomic_write_json(args.out, {"samples": args.samples, "ort_chunk": args.ort_chunk, "percentile": PERCENTILE,
-                                 "rows": rows})
+    atomic_write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

@@ -10,7 +10,7 @@ import importlib
 import sys
 import time
 
-MODULES = ("bench.calibration", "bench.accuracy", "bench.build")
+MODULES = ("bench.calibration", "bench.accuracy", "bench.weights", "bench.build", "bench.decoder")
 
 
 def main(argv: list[str] | None = None) -> int:

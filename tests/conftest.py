@@ -28,35 +28,33 @@ def minilm_onnx() -> Path:
 
 
 @pytest.fixture(scope="session")
-def minilm_calibration(minilm_onnx: Path) -> Any:
-    """(GraphReport, Collection) of MiniLM over 32 VADER calibration sentences, collected once per session."""
+def minilm_statistics(minilm_onnx: Path) -> Any:
+    """(GraphReport, Statistics) of MiniLM over 32 VADER calibration sentences, collected once per session."""
     import onnx
 
-    from builder.graph.analyze import analyze
-    from builder.graph.targets import calibration_tensors
     from builder.intake.minilm import tokenizer_json_path
-    from calib.collect import collect
+    from builder.pipeline import analyze_model, calibrate
     from calib.data import calibration_texts
     from calib.tokenize import encode
 
     model = onnx.load(str(minilm_onnx))
-    report = analyze(model, name="minilm")
+    report = analyze_model(model, "minilm")
     feeds = encode(calibration_texts("vader", 32), tokenizer_json_path(), max_length=128, batch_size=16)
-    return report, collect(model, feeds, calibration_tensors(model, report))
+    return report, calibrate(model, report, feeds).statistics
 
 
 @pytest.fixture(scope="session")
-def minilm_tables(minilm_calibration: Any) -> Callable[[str], list[Any]]:
-    """``tables(preset)``: the RangeTables a preset needs (max primary), from the shared collection."""
-    from builder.plan.ranges import tables_for_recipe
-    from builder.recipes.loader import load_preset
-    from calib.calibrate import RangeSpec
-    from calib.range_table import RangeMethod
+def minilm_quantize(minilm_onnx: Path, minilm_statistics: Any) -> Callable[..., Any]:
+    """``quantize(preset, variant="portable")``: the lowered MiniLM (builder.lower.pipeline.QuantizedModel)
+    from the shared statistics; Bondarenko MP's flagged layers come from their outlier report."""
+    import onnx
 
-    _, collection = minilm_calibration
+    from builder.pipeline import quantize, resolve_recipe
 
-    def tables(preset: str) -> list[Any]:
-        return tables_for_recipe(collection, load_preset(preset), RangeSpec(method=RangeMethod.MAX),
-                                 model_name="minilm", data_source="vader:32")
+    report, statistics = minilm_statistics
+    model = onnx.load(str(minilm_onnx))
 
-    return tables
+    def run(preset: str, variant: str = "portable") -> Any:
+        return quantize(model, report, resolve_recipe(preset, report), statistics, variant=variant).model
+
+    return run

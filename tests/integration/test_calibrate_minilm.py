@@ -11,11 +11,11 @@ import pytest
 from builder.graph.analyze import analyze
 from builder.graph.targets import calibration_tensors
 from calib.cache import cache_from_ranges, format_cache, parse_cache
-from calib.calibrate import RangeSpec, range_table, ranges_from_states
 from calib.collect import collect
 from calib.data import calibration_texts
 from calib.outliers import outlier_report
 from calib.range_table import RangeMethod, RangeTable
+from calib.ranges import RangeSpec, range_table, tensor_range
 from calib.tokenize import encode
 
 METHODS = (RangeSpec(method=RangeMethod.MAX), RangeSpec(method=RangeMethod.PERCENTILE, percentile=99.99),
@@ -35,10 +35,9 @@ def _setup(minilm_onnx: Path) -> tuple[onnx.ModelProto, list[str], dict[str, tup
 
 def _check_collection(minilm_onnx: Path, samples: int) -> None:
     model, tensors, labels, tokenizer = _setup(minilm_onnx)
-    collection = collect(model, encode(calibration_texts("vader", samples), Path(tokenizer)), tensors)
+    collection = collect(model, encode(calibration_texts("vader", samples), Path(tokenizer)), tensors).statistics
     assert collection.samples == samples
-    tables = {spec.method: range_table(collection, spec, model_name="minilm", data_source="vader")
-              for spec in METHODS}
+    tables = {spec.method: range_table(collection, spec, model_name="minilm") for spec in METHODS}
     for method, table in tables.items():
         assert RangeTable.from_json(table.to_json()) == table
         assert set(table) == set(tensors), method
@@ -49,9 +48,9 @@ def _check_collection(minilm_onnx: Path, samples: int) -> None:
     assert format_cache(parse_cache(text)) == text
     # the softmax input carries the additive attention mask (float32 min on padded keys): excluded, finite
     softmax_in = tensors[-1]
-    assert collection.stats[softmax_in].minmax.minimum > -1e4
-    assert ranges_from_states({softmax_in: collection.stats[softmax_in]}, RangeMethod.ENTROPY)[softmax_in].amax < 1e3
-    report = outlier_report(collection.stats, labels)
+    assert collection.tensors[softmax_in].minmax.minimum > -1e4
+    assert tensor_range(collection.tensors[softmax_in], METHODS[2]).amax < 1e3
+    report = outlier_report(collection.tensors, labels)
     ffn_rows = [r for r in report.rows if r.role in ("fc2", "ffn_residual")]
     assert len(ffn_rows) == 12
     counts = report.dimension_counts()

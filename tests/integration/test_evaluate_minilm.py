@@ -46,12 +46,13 @@ def test_embeddings_do_not_depend_on_batching(fp32: onnx.ModelProto, small_data:
 def test_ort_baseline_report_on_minilm(fp32: onnx.ModelProto, report: GraphReport, small_data: EvalData) -> None:
     reference = prepare_reference(fp32, small_data)
     fp32_row = reference_report(fp32, small_data, reference)
-    assert fp32_row.cosine_min == pytest.approx(1.0) and fp32_row.int8_gemm_share == 0.0
+    assert fp32_row.sentence is not None and fp32_row.sentence.cosine_min == pytest.approx(1.0)
+    assert fp32_row.int8_gemm_share == 0.0
     # a probe fit on only 120 real sentences scores 60% on these 100 (chance is about 50%)
     assert 0.55 < reference.probe_accuracy <= 1.0
     model = ort_quantize(fp32, _calibration_feeds(64), ORT_BASELINES["ort-gemm-pc-sym"], report)
     result = evaluate(fp32, model, report, small_data, reference, name="ort-gemm-pc-sym")
-    assert 0.5 < result.cosine_mean < 0.99
+    assert result.sentence is not None and 0.5 < result.sentence.cosine_mean < 0.99
     # share from MiniLM's dimensions: per token and layer the weight GEMMs do 4*h*h + 2*h*4h MACs,
     # QK^T and PV 2*S*h at S = 128, h = 384
     h, s = 384, 128
@@ -65,23 +66,18 @@ def test_ort_baseline_report_on_minilm(fp32: onnx.ModelProto, report: GraphRepor
 @pytest.mark.slow
 def test_int8_gemm_meets_acceptance_and_beats_ort(fp32: onnx.ModelProto, report: GraphReport) -> None:
     """int8-gemm: probe within 0.5 point of FP32, mean cosine >= 0.985, better than quantize_static on both."""
-    lower = pytest.importorskip("builder.lower.quantize")
-    from builder.graph.targets import calibration_tensors
-    from builder.plan.ranges import tables_for_recipe
-    from builder.recipes.loader import load_preset
-    from calib.calibrate import RangeSpec
-    from calib.collect import collect
-    from calib.range_table import RangeMethod
+    from builder.pipeline import calibrate, quantize, resolve_recipe
 
     feeds = _calibration_feeds(512)
-    collection = collect(fp32, feeds, calibration_tensors(fp32, report))
-    tables = tables_for_recipe(collection, load_preset("int8-gemm"), RangeSpec(method=RangeMethod.MAX),
-                               model_name="minilm", data_source="vader:512")
+    statistics = calibrate(fp32, report, feeds).statistics
     data = load_eval_data()
     assert len(data.test_texts) >= 2000
     reference = prepare_reference(fp32, data)
-    ours = evaluate(fp32, lower.quantize(fp32, "int8-gemm", tables, report=report).model, report, data, reference)
+    lowered = quantize(fp32, report, resolve_recipe("int8-gemm", report), statistics).model.model
+    ours = evaluate(fp32, lowered, report, data, reference)
     theirs = evaluate(fp32, ort_quantize(fp32, feeds, ORT_BASELINES["ort-matmul"], report), report, data, reference)
-    assert ours.probe_accuracy >= reference.probe_accuracy - 0.005
-    assert ours.cosine_mean >= 0.985
-    assert ours.probe_accuracy > theirs.probe_accuracy and ours.cosine_mean > theirs.cosine_mean
+    assert ours.sentence is not None and theirs.sentence is not None
+    assert ours.sentence.probe_accuracy >= reference.probe_accuracy - 0.005
+    assert ours.sentence.cosine_mean >= 0.985
+    assert ours.sentence.probe_accuracy > theirs.sentence.probe_accuracy
+    assert ours.sentence.cosine_mean > theirs.sentence.cosine_mean

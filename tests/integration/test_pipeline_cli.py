@@ -47,7 +47,7 @@ def test_pipeline_with_evaluation_reports_accuracy(minilm_onnx: Path, tmp_path: 
                          "64", "--eval-train", "128", "--no-progress", "-o", str(out_dir)], capsys)
     assert code == 0, out
     report = json.loads((out_dir / "report.json").read_text())
-    assert report["num_test"] == 64 and 0.9 < report["cosine_mean"] <= 1.0
+    assert report["sentence"]["num_test"] == 64 and 0.9 < report["sentence"]["cosine_mean"] <= 1.0
     assert not (out_dir / "tensorrt_rtx.plan").exists()
 
 

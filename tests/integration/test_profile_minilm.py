@@ -18,20 +18,15 @@ from builder.profile.report import LatencyReport
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def int8_gemm_model(minilm_onnx: Path, calibration: Any, tables: Any, out: Path) -> Path:
+def int8_gemm_model(minilm_quantize: Any, out: Path) -> Path:
     """The `int8-gemm` portable variant (W8A8 GEMMs), ranges over 32 VADER calibration sentences."""
-    from builder.lower.quantize import quantize
-
-    model = onnx.load(str(minilm_onnx))
-    out.write_bytes(quantize(model, "int8-gemm", tables("int8-gemm"), report=calibration[0]).serialize())
+    out.write_bytes(minilm_quantize("int8-gemm").serialize())
     return out
 
 
 @pytest.fixture(scope="module")
-def int8_onnx(minilm_onnx: Path, minilm_calibration: Any, minilm_tables: Any,
-              tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return int8_gemm_model(minilm_onnx, minilm_calibration, minilm_tables,
-                           tmp_path_factory.mktemp("int8") / "int8-gemm.onnx")
+def int8_onnx(minilm_quantize: Any, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return int8_gemm_model(minilm_quantize, tmp_path_factory.mktemp("int8") / "int8-gemm.onnx")
 
 
 def test_minilm_latency_report(minilm_onnx: Path, int8_onnx: Path, tmp_path: Path) -> None:

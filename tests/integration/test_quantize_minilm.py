@@ -13,15 +13,23 @@ import numpy as np
 import onnx
 import pytest
 
-from builder.graph.analyze import analyze
 from builder.graph.report import GraphReport, Role
-from builder.graph.targets import calibration_tensors
-from builder.lower.quantize import quantize
-from builder.plan.artifact import QuantPlan
+from builder.lower.pipeline import QuantizedModel
+from builder.pipeline import analyze_model, calibrate, resolve_recipe
+from builder.pipeline import quantize as pipeline_quantize
+from builder.plan.artifact import load_plan
 from builder.recipes.loader import preset_names
-from calib.range_table import RangeMethod, RangeTable
+from builder.recipes.model import Recipe
+from calib.statistics import Statistics
 
-Setup = tuple[onnx.ModelProto, GraphReport, list[RangeTable]]
+Setup = tuple[onnx.ModelProto, GraphReport, Statistics]
+
+
+def quantize(model: onnx.ModelProto, recipe: str | Recipe, stats: Statistics, *, report: GraphReport,
+             flagged: tuple[int, ...] | None = None, feeds: list[dict[str, np.ndarray]] | None = None
+             ) -> QuantizedModel:
+    resolved = resolve_recipe(recipe, report)
+    return pipeline_quantize(model, report, resolved, stats, flagged=flagged, feeds=feeds).model
 
 
 def _feeds(texts: list[str], max_length: int = 32, batch_size: int = 16) -> list[dict[str, np.ndarray]]:
@@ -33,17 +41,13 @@ def _feeds(texts: list[str], max_length: int = 32, batch_size: int = 16) -> list
 
 @pytest.fixture(scope="module")
 def minilm(minilm_onnx: Path) -> Setup:
-    """MiniLM, its report and the range tables every preset asks for (MSE and the 99.995th percentile)."""
-    from calib.calibrate import RangeSpec, range_table
-    from calib.collect import CollectOptions, collect
+    """MiniLM, its report and its Statistics over 48 VADER calibration sentences (every preset plans from it)."""
     from calib.data import vader_splits
 
     model = onnx.load(str(minilm_onnx))
-    report = analyze(model, name="minilm")
+    report = analyze_model(model, "minilm")
     texts = [s.text for s in vader_splits().calibration[:48]]
-    collection = collect(model, _feeds(texts), calibration_tensors(model, report), CollectOptions(per_token=False))
-    specs = (RangeSpec(method=RangeMethod.MSE), RangeSpec(method=RangeMethod.PERCENTILE, percentile=99.995))
-    return model, report, [range_table(collection, s, model_name="minilm", data_source="vader") for s in specs]
+    return model, report, calibrate(model, report, _feeds(texts)).statistics
 
 
 def _embedding(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -62,14 +66,14 @@ def test_every_preset_lowers_runs_and_stays_close(minilm: Setup, preset: str) ->
     from calib.data import vader_splits
 
     model, report, tables = minilm
-    q = quantize(model, preset, tables, report=report, outliers={4, 5})
+    q = quantize(model, preset, tables, report=report, flagged=(4, 5))
     onnx.checker.check_model(q.model)
     feeds = _feeds([s.text for s in vader_splits().test[:16]])
     ref, out = _embedding(model, feeds), _embedding(q.model, feeds)
     cosine = np.sum(ref * out, axis=1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
     assert np.all(np.isfinite(out))
     assert float(np.mean(cosine)) > 0.95, preset
-    assert QuantPlan.from_json(q.plan.to_json()) == q.plan
+    assert load_plan(q.plan.to_json()) == q.plan
 
 
 def test_int8_gemm_agrees_with_onnx_reference(minilm: Setup) -> None:
@@ -127,14 +131,13 @@ def test_quantize_cli_writes_artifacts(minilm: Setup, minilm_onnx: Path, tmp_pat
                                        capsys: pytest.CaptureFixture[str]) -> None:
     from builder.cli.main import main
 
-    _, _, tables = minilm
-    ranges = tmp_path / "ranges.json"
-    ranges.write_text(tables[0].to_json())
+    _, _, stats = minilm
+    stats.save(tmp_path / "statistics.npz")
     out = tmp_path / "engine"
-    code = main(["quantize", str(minilm_onnx), "--ranges", str(ranges), "--recipe", "int8-gemm",
+    code = main(["quantize", str(minilm_onnx), "--statistics", str(tmp_path), "--recipe", "int8-gemm",
                  "--fallback", "layer.5.fc2=fp16", "-o", str(out)])
     assert code == 0
-    plan = QuantPlan.from_json((out / "plan.json").read_text())
+    plan = load_plan((out / "plan.json").read_text())
     fc2 = next(n for n in plan.nodes if n.role == "fc2" and n.layer == 5)
     assert fc2.precision.value == "fp16" and "--fallback layer.5.fc2=fp16" in fc2.reason
     assert json.loads((out / "precision.json").read_text())[fc2.node] == "fp16"
@@ -149,23 +152,21 @@ def test_quantize_cli_bad_input(minilm: Setup, minilm_onnx: Path, tmp_path: Path
                                 capsys: pytest.CaptureFixture[str]) -> None:
     from builder.cli.main import main
 
-    _, report, tables = minilm
-    table = tables[0]
+    _, report, stats = minilm
     assert main(["quantize", str(minilm_onnx), "--recipe", "int8-gemm", "--fallback", "layer.7.fc2=fp16",
                  "--print-config"]) == 2
     err = capsys.readouterr().err
     assert "layer 7 does not exist" in err and "did you mean 'layer." in err
     fc2 = report.find(Role.FC2, 2)
     assert fc2 is not None
-    partial = RangeTable(model_name="m", model_sha256="x", num_samples=1, data_source="t",
-                         ranges={k: v for k, v in table.ranges.items() if k != fc2.inputs[0]})
-    ranges = tmp_path / "partial.json"
-    ranges.write_text(partial.to_json())
-    assert main(["quantize", str(minilm_onnx), "--ranges", str(ranges), "-o", str(tmp_path / "x")]) == 3
+    partial = stats.subset(k for k in stats.tensors if k != fc2.inputs[0])
+    partial.save(tmp_path / "statistics.npz")
+    assert main(["quantize", str(minilm_onnx), "--statistics", str(tmp_path), "-o", str(tmp_path / "x")]) == 3
     assert fc2.inputs[0] in capsys.readouterr().err
     assert not (tmp_path / "x" / "model.onnx").exists()
-    assert main(["quantize", str(minilm_onnx), "--recipe", "bondarenko-mp", "--print-config"]) == 2
-    assert "outlier report" in capsys.readouterr().err
+    assert main(["quantize", str(minilm_onnx), "--statistics", str(tmp_path / "nowhere"), "-o",
+                 str(tmp_path / "y")]) == 2
+    assert "build-engine calibrate" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -175,20 +176,15 @@ def test_accuracy_acceptance(minilm_onnx: Path) -> None:
     from builder.evaluate.ort_baseline import baseline, ort_quantize
     from builder.evaluate.runner import OrtRunner, embed
     from builder.intake.minilm import tokenizer_json_path
-    from calib.calibrate import RangeSpec, range_table
-    from calib.collect import CollectOptions, collect
     from calib.data import vader_splits
     from calib.tokenize import encode
 
     model = onnx.load(str(minilm_onnx))
-    report = analyze(model, name="minilm")
+    report = analyze_model(model, "minilm")
     splits = vader_splits()
     calib_texts = [s.text for s in splits.calibration]
     assert len(calib_texts) == 512
-    collection = collect(model, encode(calib_texts, tokenizer_json_path(), batch_size=16),
-                         calibration_tensors(model, report), CollectOptions(per_token=False))
-    tables = [range_table(collection, RangeSpec(method=m, percentile=p), model_name="minilm", data_source="vader")
-              for m, p in ((RangeMethod.MSE, None), (RangeMethod.PERCENTILE, 99.995))]
+    tables = calibrate(model, report, encode(calib_texts, tokenizer_json_path(), batch_size=16)).statistics
     train, test = list(splits.train)[:2000], list(splits.test)[:2000]
     y_train, y_test = [s.rating > 0 for s in train], [s.rating > 0 for s in test]
     ref_train = embed(OrtRunner(model), [s.text for s in train])
@@ -225,7 +221,7 @@ def test_bias_correction_raises_cosine_on_held_out_sentences(minilm: Setup) -> N
     recipe = load_preset("int8-gemm").with_rules((Rule(select=Selector(roles=roles),
                                                        set=Settings(bias_correction=True)),))
     calib_feeds = _feeds([s.text for s in splits.calibration[:48]])
-    corrected = quantize(model, recipe, tables, report=report, calibration_feeds=calib_feeds)
+    corrected = quantize(model, recipe, tables, report=report, feeds=calib_feeds)
     assert len(corrected.plan.bias_correction_nodes) == 30
     plain = quantize(model, "int8-gemm", tables, report=report)
     feeds = _feeds([s.text for s in splits.train[-128:]])

@@ -96,17 +96,15 @@ def test_minilm_fp16_copy_engine(minilm_onnx: Path, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def minilm_ranges(minilm_calibration: Any, minilm_tables: Any) -> Any:
-    """The analysis and a range-table factory over 32 VADER calibration sentences (shared by the presets)."""
-    return minilm_calibration[0], minilm_tables
+def minilm_ranges(minilm_quantize: Any) -> Any:
+    """The preset quantizer over the shared MiniLM statistics (32 VADER calibration sentences)."""
+    return minilm_quantize
 
 
 def lowered_variant(minilm_onnx: Path, ranges: Any, preset: str, out: Path) -> Path:
-    """The portable variant of ``preset`` (analyze -> plan -> lower), saved as ``out``."""
-    from builder.lower.quantize import quantize
-
-    report, tables = ranges
-    quantized = quantize(onnx.load(str(minilm_onnx)), preset, tables(preset), report=report, variant="portable")
+    """The portable variant of ``preset`` (analyze -> plan -> weights -> lower), saved as ``out``."""
+    del minilm_onnx
+    quantized = ranges(preset, "portable")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(quantized.serialize())
     return out

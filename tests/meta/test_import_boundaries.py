@@ -1,4 +1,4 @@
-"""Meta: the room boundaries of DESIGN.md section 2, enforced by an AST scan of every source file.
+"""Meta: the room boundaries (README "Layout"), enforced by an AST scan of every source file.
 
 - TensorRT, TensorRT-RTX, Polygraphy and PyCUDA are imported only under ``builder/`` and in
   ``plugins/*/plugin.py``, and there only lazily (inside a function), never at module level;

@@ -9,7 +9,7 @@ import pytest
 from builder.backends.calibrator import CacheCalibrator, make_trt_calibrator
 from calib.errors import CalibrationError, ConfigError
 
-# written independently: big-endian float32 of amax/127 (PLATFORM.md 6.1: exactly 1/127 is 3c010204)
+# written independently: big-endian float32 of amax/127 (exactly 1/127 is 3c010204)
 AMAX = {"input_ids_embed": 1.0, "/encoder/layer.0/attention/output/dense/MatMul_output_0": 12.5}
 CACHE = "TRT-8501-EntropyCalibration2\n" + "".join(
     f"{name}: {struct.pack('>f', amax / 127.0).hex()}\n" for name, amax in AMAX.items()

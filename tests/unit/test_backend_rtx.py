@@ -137,6 +137,24 @@ def test_external_data_model_builds_and_is_copied(tmp_path: Path) -> None:
     assert outcome.plan_path.is_file()
 
 
+def test_an_int8_constant_outside_a_dequantize_is_refused_before_building(tmp_path: Path) -> None:
+    """A weight-only INT8 export (int8 initializer -> Cast -> Mul -> MatMul) fails inside TensorRT after its
+    pre-checks unless it is refused up front: exit 2 naming the initializer, nothing built."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["w_q"], ["w_f"], to=TensorProto.FLOAT, name="cast_w"),
+         helper.make_node("Mul", ["w_f", "w_scale"], ["w"], name="scale_w"),
+         helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "weight_only", [x], [y], [numpy_helper.from_array(np.ones((3, 3), np.int8), "w_q"),
+                                  numpy_helper.from_array(np.array(0.5, np.float32), "w_scale")])
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), tmp_path / "w8.onnx")
+    out = tmp_path / "engines" / "w8"
+    with pytest.raises(ConfigError, match=r"initializer 'w_q' holds INT8 values that Cast 'cast_w' reads") as info:
+        build_engine_dir(BuildInputs(model_path=path), FAST, out)
+    assert info.value.exit_code == 2 and not (out / "manifest.json").exists()
+
+
 def test_timing_cache_is_refused_on_rtx(tmp_path: Path) -> None:
     model_path = save(toy_qdq_model(), tmp_path / "toy.onnx")
     options = BuildOptions(backend=BackendName.TENSORRT_RTX, optimization_level=0, architectures=("sm86",),
@@ -149,11 +167,13 @@ def test_parser_error_is_a_build_error(tmp_path: Path) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
     y = helper.make_tensor_value_info("y", TensorProto.INT8, [2, 3])
     # MatMulInteger is outside TensorRT's Q/DQ contract: the parser refuses it
+    # (its INT8 operand is cast from an INT32 constant: an INT8 initializer outside a DQ is refused earlier)
     graph = helper.make_graph(
         [helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT8),
+         helper.make_node("Cast", ["w32"], ["xi2"], to=TensorProto.INT8),
          helper.make_node("MatMulInteger", ["xi", "xi2"], ["y32"], name="mmi"),
          helper.make_node("Cast", ["y32"], ["y"], to=TensorProto.INT8)],
-        "bad", [x], [y], [numpy_helper.from_array(np.ones((3, 3), np.int8), "xi2")],
+        "bad", [x], [y], [numpy_helper.from_array(np.ones((3, 3), np.int32), "w32")],
     )
     path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]), tmp_path / "bad.onnx")
     with pytest.raises(BuildError, match="ONNX parser rejected"):

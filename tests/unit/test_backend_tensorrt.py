@@ -22,6 +22,7 @@ from builder.backends.options import (
     ShapeProfile,
     Typing,
 )
+from builder.backends.precision import Constraint, LayerView, constrained_layers, onnx_node_of
 from builder.backends.tensorrt import check_options, major_version
 from builder.engine.build import BuildInputs, build_engine
 from calib.errors import BackendUnavailable, ConfigError
@@ -79,6 +80,33 @@ def test_old_or_unreadable_versions() -> None:
         major_version("x.y")
 
 
+def test_layer_metadata_names_the_onnx_node() -> None:
+    assert onnx_node_of("[ONNX Layer: /layer.5/fc2/MatMul]") == "/layer.5/fc2/MatMul"
+    assert onnx_node_of("[ONNX Layer: mm | Local Function: block]") == "mm"
+    assert onnx_node_of("") is None and onnx_node_of("matmul") is None
+
+
+def test_precision_rules_pin_a_nodes_layers_not_its_siblings_and_only_float_outputs() -> None:
+    """The parser's layers for node "fc2" (the MatMul and a shape helper), a sibling node "fc2_1" whose layer
+    name starts the same, and a layer without metadata. Matching layer *names* against "fc2*" took all four."""
+    layers = [
+        LayerView(index=0, node="fc2", output_types=("FLOAT",)),
+        LayerView(index=1, node="fc2", output_types=("INT64",)),  # shape arithmetic the parser added
+        LayerView(index=2, node="fc2_1", output_types=("FLOAT",)),
+        LayerView(index=3, node=None, output_types=("FLOAT",)),
+        LayerView(index=4, node="gelu", output_types=("FLOAT", "INT32")),
+    ]
+    rules = (LayerPrecision(pattern="fc2", dtype=LayerDtype.FP16),
+             LayerPrecision(pattern="gel?", dtype=LayerDtype.BF16),
+             LayerPrecision(pattern="fc2", dtype=LayerDtype.FP32))  # the later rule wins
+    assert constrained_layers(layers, rules) == [
+        Constraint(index=0, dtype=LayerDtype.FP32, outputs=(0,)),
+        Constraint(index=4, dtype=LayerDtype.BF16, outputs=(0,)),
+    ]
+    with pytest.raises(ConfigError, match="matches no ONNX node"):
+        constrained_layers(layers, (LayerPrecision(pattern="fc3", dtype=LayerDtype.FP16),))
+
+
 # --- real builds: need full TensorRT and a GPU ---------------------------------------------------------------
 
 FAST_TRT = BuildOptions(
@@ -115,7 +143,7 @@ def test_weakly_typed_engine_with_precision_list(trt: Any, tmp_path: Path) -> No
                                       "profiles": FAST_TRT.to_dict()["profiles"]})
     assert len(build_engine(BuildInputs(model_path=path), options, name="weak").plan) > 1000
     bad = BuildOptions.from_dict({**options.to_dict(), "layer_precisions": [{"pattern": "nope*", "dtype": "fp16"}]})
-    with pytest.raises(ConfigError, match="matches no layer"):
+    with pytest.raises(ConfigError, match="matches no ONNX node"):
         build_engine(BuildInputs(model_path=path), bad, name="weak")
 
 

@@ -11,11 +11,11 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from calib.calibrate import calibrate, ranges_from_states
 from calib.collect import CollectOptions, collect
 from calib.errors import CalibrationError, ConfigError
-from calib.range_table import Granularity, RangeMethod, RangeTable
-from calib.tensor_stats import TensorStats
+from calib.range_table import RangeMethod, RangeTable
+from calib.ranges import RangeSpec, range_table, tensor_range
+from calib.statistics import Statistics, TensorStatistics
 from tests.toygraphs import bert_block_model, toy_roles
 
 
@@ -57,7 +57,7 @@ def test_padding_is_excluded_exactly(bert: onnx.ModelProto) -> None:
     probs = _outputs_of(bert, "attn_softmax")[0]  # [B, H, S, S]
     scores = next(n.input[0] for n in bert.graph.node if n.output[0] == probs)  # carries the -10000 mask
     feeds = _feeds()
-    result = collect(bert, feeds, [ln_out, scores, probs])
+    result = collect(bert, feeds, [ln_out, scores, probs]).statistics
     for name in (ln_out, scores):
         lo, hi = np.inf, -np.inf
         dim_lo = np.full(32, np.inf)
@@ -74,21 +74,21 @@ def test_padding_is_excluded_exactly(bert: onnx.ModelProto) -> None:
                     else:  # query s, keys k with mask[b, k]
                         row = value[b, :, s, :][:, mask[b].astype(bool)]
                     lo, hi = min(lo, float(row.min())), max(hi, float(row.max()))
-        stats = result.stats[name]
+        stats = result.tensors[name]
         assert (stats.minmax.minimum, stats.minmax.maximum) == (lo, hi)
         if name == ln_out:
             assert stats.dims is not None and stats.dims.dim_min is not None
             np.testing.assert_array_equal(stats.dims.dim_min, dim_lo)
-    assert result.stats[scores].minmax.minimum > -1000  # the -10000 of padded keys never entered
-    assert result.stats[scores].dims is None  # last axis is a token axis: no per-dim statistics
-    assert result.layouts[probs].token_axes == (2, -1)
+    assert result.tensors[scores].minmax.minimum > -1000  # the -10000 of padded keys never entered
+    assert result.tensors[scores].dims is None  # last axis is a token axis: no per-dim statistics
+    assert result.meta.layouts[probs].token_axes == (2, -1)
     assert result.batches == 3 and result.samples == 12
 
 
 def test_token_statistics_follow_input_ids(bert: onnx.ModelProto) -> None:
     ln_out = _outputs_of(bert, "ffn_ln")[-1]
     feeds = _feeds(batches=2)
-    stats = collect(bert, feeds, [ln_out]).stats[ln_out]
+    stats = collect(bert, feeds, [ln_out]).statistics.tensors[ln_out]
     assert stats.tokens is not None
     ids = np.concatenate([f["input_ids"][f["attention_mask"].astype(bool)] for f in feeds])
     np.testing.assert_array_equal(stats.tokens.token_ids, np.unique(ids))
@@ -137,13 +137,13 @@ def test_nan_or_inf_activation_names_the_tensor(op: str, value: float, what: str
 
 def test_minus_inf_mask_values_are_excluded_or_rejected() -> None:
     feed = {"x": np.array([[1.0, 2.0, 0.0, 4.0]], dtype=np.float32)}  # Log(0) = -inf, as an additive mask
-    stats = collect(_unary_model("Log"), [feed], ["act"]).stats["act"]
+    stats = collect(_unary_model("Log"), [feed], ["act"]).statistics.tensors["act"]
     assert stats.mask_values == 1 and stats.minmax.minimum == 0.0 and stats.minmax.count == 3
     with pytest.raises(CalibrationError, match="tensor 'act' has 1 values <= -1e\\+30"):
         collect(_unary_model("Log"), [feed], ["act"], CollectOptions(allow_mask_values=False))
 
 
-def _assert_same_stats(a: TensorStats, b: TensorStats) -> None:
+def _assert_same_stats(a: TensorStatistics, b: TensorStatistics) -> None:
     assert set(a.state()) == set(b.state())
     for key, value in a.state().items():
         np.testing.assert_array_equal(value, b.state()[key], err_msg=key)
@@ -165,34 +165,43 @@ def test_interrupted_run_resumes_from_the_checkpoint(bert: onnx.ModelProto, tmp_
     seen: list[int] = []
     resumed = collect(bert, feeds, tensors, CollectOptions(checkpoint=checkpoint, checkpoint_every=2,
                                                            progress=lambda b, s: seen.append(b)))
-    assert resumed.resumed_batches == 3 and resumed.batches == 5
+    assert resumed.resumed_batches == 3 and resumed.statistics.batches == 5
     assert seen == [4, 5]  # only the two missing batches ran
-    fresh = collect(bert, feeds, tensors)
+    fresh = collect(bert, feeds, tensors).statistics
+    assert resumed.statistics.state_bytes() == fresh.state_bytes()
     for name in tensors:
-        _assert_same_stats(resumed.stats[name], fresh.stats[name])
+        _assert_same_stats(resumed.statistics.tensors[name], fresh.tensors[name])
     with pytest.raises(CalibrationError, match="differs from the data"):
         collect(bert, _feeds(batches=5, seed=9), tensors, CollectOptions(checkpoint=checkpoint))
 
 
-def test_calibrate_gives_a_range_table_for_every_method(bert: onnx.ModelProto) -> None:
+def test_shards_collected_apart_merge_into_the_one_pass_statistics(bert: onnx.ModelProto) -> None:
+    tensors = _outputs_of(bert, "attn_ln") + _outputs_of(bert, "attn_softmax") + _outputs_of(bert, "ffn_residual")
+    feeds = _feeds(batches=5)
+    one = collect(bert, feeds, tensors).statistics
+    shards = [collect(bert, feeds[a:b], tensors, CollectOptions(batch_offset=a)).statistics
+              for a, b in ((3, 5), (0, 2), (2, 3))]
+    merged = shards[0].merge(shards[1]).merge(shards[2])
+    assert merged.state_bytes() == one.state_bytes()
+    assert Statistics.load is not None and merged.meta == one.meta
+
+
+def test_one_statistics_gives_a_range_table_for_every_method(bert: onnx.ModelProto) -> None:
     tensors = _outputs_of(bert, "attn_ln") + _outputs_of(bert, "ffn_residual")
     feeds = _feeds(batches=3)
-    table = calibrate(bert, feeds, tensors, RangeMethod.ENTROPY, options=CollectOptions(data_source="toy"))
+    statistics = collect(bert, feeds, tensors, CollectOptions(data_source="toy")).statistics
+    table = range_table(statistics, RangeSpec(method=RangeMethod.ENTROPY), model_name="toy")
     assert RangeTable.from_json(table.to_json()) == table
     assert table.data_source == "toy" and table.num_samples == 12 and set(table) == set(tensors)
-    stats = collect(bert, feeds, tensors).stats
-    by_method = {m: ranges_from_states(stats, m, 99.9 if m == RangeMethod.PERCENTILE else None)
-                 for m in (RangeMethod.MAX, RangeMethod.PERCENTILE, RangeMethod.ENTROPY, RangeMethod.MSE)}
+    specs = [RangeSpec(method=RangeMethod.MAX), RangeSpec(method=RangeMethod.PERCENTILE, percentile=99.9),
+             RangeSpec(method=RangeMethod.ENTROPY), RangeSpec(method=RangeMethod.MSE)]
     for name in tensors:
-        assert by_method[RangeMethod.ENTROPY][name] == table.get(name)
-        rng = by_method[RangeMethod.MAX][name]
+        stats = statistics.tensors[name]
+        assert tensor_range(stats, specs[2]) == table.get(name)
+        rng = tensor_range(stats, specs[0])
         assert rng.amax == max(-rng.observed_min, rng.observed_max)
         assert rng.channel_amax is not None and max(rng.channel_amax) == rng.amax
-        for method in by_method:
-            assert 0 < by_method[method][name].amax <= rng.amax * (1 + 1e-6)
-    grouped = calibrate(bert, feeds, tensors, RangeMethod.MAX, granularity=Granularity.GROUP, num_groups=4)
-    assert grouped.get(tensors[0]).num_groups == 4
-    odd = calibrate(bert, feeds, tensors, RangeMethod.MAX, granularity=Granularity.GROUP, num_groups=3)
-    assert odd.get(tensors[0]).granularity == Granularity.TENSOR  # 3 does not divide 32: per-tensor fallback
-    with pytest.raises(ConfigError, match="needs --percentile"):
-        calibrate(bert, feeds, tensors, RangeMethod.PERCENTILE)
+        for spec in specs:
+            assert 0 < tensor_range(stats, spec).amax <= rng.amax * (1 + 1e-6)
+    with pytest.raises(ConfigError, match="needs a percentile"):
+        RangeSpec(method=RangeMethod.PERCENTILE)

@@ -8,10 +8,15 @@ from pathlib import Path
 import pytest
 
 from calib.data import (
+    PASSAGE_CHARS,
     calibration_texts,
+    corpus_documents,
+    corpus_split,
     lee_background_documents,
     lee_similarity_pairs,
+    passages,
     read_texts,
+    shakespeare_works,
     vader_movie_sentences,
     vader_splits,
 )
@@ -73,3 +78,41 @@ def test_unknown_source_suggests_a_close_match() -> None:
 
 def test_vader_calibration_texts_are_the_calibration_split() -> None:
     assert calibration_texts("vader", 16) == [s.text for s in vader_splits(0, 16).calibration]
+
+
+def test_shakespeare_modern_editions_only() -> None:
+    works = shakespeare_works()
+    names = [name for name, _ in works]
+    assert len(works) == 42 and names == sorted(names)  # the folio copies (*_gut_f.txt) are left out
+    assert "hamlet" in names and all(not n.endswith("_f") for n in names)
+    hamlet = dict(works)["hamlet"]
+    assert hamlet.startswith("HAMLET, PRINCE OF DENMARK") and "To be, or not to be" in hamlet
+
+
+@pytest.mark.parametrize("source", ["lee", "shakespeare"])
+def test_corpus_split_is_fixed_contiguous_and_disjoint(source: str) -> None:
+    split = corpus_split(source)
+    docs = corpus_documents(source)
+    held = len(docs) // 4
+    assert split.evaluation == tuple(docs[len(docs) - held:]) and split.calibration == tuple(docs[:len(docs) - held])
+    assert not set(split.calibration) & set(split.evaluation)
+    assert split == corpus_split(source)  # no seed: the same on every call
+    assert f"evaluation = the last {held}" in split.rule
+
+
+def test_language_calibration_texts_come_from_the_calibration_slice() -> None:
+    split = corpus_split("shakespeare")
+    texts = calibration_texts("shakespeare", 64, seed=3)
+    assert len(texts) == 64 and all(len(t) <= PASSAGE_CHARS for t in texts)
+    assert all(any(t in doc for doc in split.calibration) for t in texts)
+    assert not any(t in doc for t in texts for doc in split.evaluation)
+    lee = corpus_split("lee")
+    assert set(calibration_texts("lee", 10_000)) <= {p for d in lee.calibration for p in passages(d)}
+
+
+def test_passages_cut_at_line_ends() -> None:
+    doc = "\n".join(f"line {i:03d}" for i in range(100))  # 9 characters per line
+    cut = passages(doc, max_chars=50)
+    assert "\n".join(cut) == doc and all(len(p) <= 50 for p in cut) and len(cut) == 20
+    with pytest.raises(ConfigError, match="not running text"):
+        corpus_split("vader")

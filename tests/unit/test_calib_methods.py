@@ -12,11 +12,11 @@ from hypothesis.extra.numpy import arrays
 
 from calib.errors import CalibrationError, ConfigError
 from calib.histogram import AbsHistogram
-from calib.methods import amax_max, amax_mse, amax_percentile, group_amax, peg_groups
+from calib.methods import amax_max, amax_mse, amax_percentile
 
 
 def _hist(values: np.ndarray, bins: int = 2048) -> AbsHistogram:
-    hist = AbsHistogram(num_bins=bins)
+    hist = AbsHistogram(bins=bins)
     hist.update(np.abs(values).astype(np.float32))
     return hist
 
@@ -81,14 +81,3 @@ def test_mse_clips_a_laplace_tail_near_the_known_optimum() -> None:
     hist = _hist(values)
     amax = amax_mse(hist.counts, hist.bin_width)
     assert 8.0 < amax < 11.5 < float(np.abs(values).max())
-
-
-def test_peg_groups_sort_by_range_and_put_outliers_last() -> None:
-    dim_min = np.array([-1.0, -1.0, -50.0, -1.0, -2.0, -1.0])
-    dim_max = np.array([1.0, 3.0, 60.0, 1.5, 2.0, 0.5])
-    permutation, group_of = peg_groups(dim_min, dim_max, 3)
-    np.testing.assert_array_equal(permutation, [5, 0, 3, 1, 4, 2])  # ranges 1.5, 2, 2.5, 4, 4, 110
-    np.testing.assert_array_equal(group_of, [0, 1, 2, 1, 2, 0])
-    np.testing.assert_array_equal(group_amax(np.maximum(-dim_min, dim_max), group_of), [1, 3, 60, 3, 60, 1])
-    with pytest.raises(ConfigError, match="divide"):
-        peg_groups(dim_min, dim_max, 4)

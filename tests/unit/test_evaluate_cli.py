@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import onnx
@@ -11,6 +12,7 @@ from builder.cli.main import main
 from builder.evaluate.report import AccuracyReport
 from builder.graph.analyze import analyze
 from builder.graph.report import Role
+from builder.intake.minilm import tokenizer_json_path
 from tests.unit.test_evaluate_runner import perturbed, pooled_toy
 
 SMALL = ["--test-samples", "40", "--train-samples", "120", "--layer-sentences", "8"]
@@ -25,6 +27,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ref, damaged = folder / "fp32.onnx", folder / "damaged" / "model.onnx"
     damaged.parent.mkdir()
     onnx.save(toy, str(ref))
+    # the toy embeds MiniLM's vocabulary: its tokenizer sits beside the reference, as a user's would
+    shutil.copy(tokenizer_json_path(), folder / "tokenizer.json")
     onnx.save(perturbed(toy, fc2.weight, scale=0.2), str(damaged))
     return ref, damaged
 
@@ -39,8 +43,9 @@ def test_evaluate_prints_table_and_writes_report(
     assert "probe accuracy (FP32 probe)" in printed and "per-layer error" in printed
     report = AccuracyReport.from_json(out.read_text())
     assert report.model_name == "damaged"  # engines/<name>/model.onnx -> <name>
-    assert (report.num_test, report.num_train, report.num_pairs) == (40, 120, 1225)
-    assert report.cosine_mean < 1.0
+    assert report.sentence is not None
+    assert (report.sentence.num_test, report.sentence.num_train, report.sentence.num_pairs) == (40, 120, 1225)
+    assert report.sentence.cosine_mean < 1.0
     errors = {(e.layer, e.point): e.relative_error for e in report.layer_errors}
     assert errors[(0, "attn")] == 0.0 and errors[(0, "block")] > 0.0  # type: ignore[operator]
 
@@ -50,10 +55,11 @@ def test_evaluate_model_against_itself_is_exact(models: tuple[Path, Path], tmp_p
     out = tmp_path / "self.json"
     assert main(["evaluate", str(ref), "--reference", str(ref), *SMALL, "--no-refit", "-o", str(out)]) == 0
     report = AccuracyReport.from_json(out.read_text())
-    assert report.cosine_min == pytest.approx(1.0, abs=1e-6)
-    assert report.probe_accuracy == report.reference_probe_accuracy
-    assert report.spearman == report.reference_spearman
-    assert report.probe_accuracy_refit is None
+    assert report.sentence is not None
+    assert report.sentence.cosine_min == pytest.approx(1.0, abs=1e-6)
+    assert report.sentence.probe_accuracy == report.sentence.reference_probe_accuracy
+    assert report.sentence.spearman == report.sentence.reference_spearman
+    assert report.sentence.probe_accuracy_refit is None
     assert all(e.relative_error == 0.0 for e in report.layer_errors)
 
 

@@ -16,13 +16,17 @@ from onnx import TensorProto, numpy_helper
 from builder.graph.analyze import analyze
 from builder.graph.report import GraphReport, Role
 from builder.lower.pipeline import QuantizedModel, lower
+from builder.plan.artifact import QuantPlan
 from builder.plan.planner import plan
 from builder.recipes.loader import load_preset
 from builder.recipes.model import Recipe
+from builder.weights.stage import quantize_weights
 from calib.errors import BuildError
-from calib.range_table import RangeTable
+from calib.range_table import RangeMethod
+from calib.ranges import RangeSpec, tensor_amax
+from calib.statistics import Statistics
 from tests.toygraphs import bert_block_model
-from tests.unit.test_plan import toy_ranges
+from tests.unit.test_plan import toy_statistics
 
 
 def run_ort(model: onnx.ModelProto, feeds: dict[str, np.ndarray], outputs: list[str] | None = None
@@ -53,14 +57,19 @@ def fake_quant(x: np.ndarray, scale: np.ndarray | np.float32) -> np.ndarray:
     return (np.clip(np.rint(x.astype(np.float32) / scale), -128, 127) * scale).astype(np.float32)
 
 
-Toy = tuple[onnx.ModelProto, GraphReport, RangeTable]
+Toy = tuple[onnx.ModelProto, GraphReport, Statistics]
 
 
 @pytest.fixture(scope="module")
 def toy() -> Toy:
     model = bert_block_model(layers=2, hidden=36, heads=2, ffn=72)
     report = analyze(model, name="toy_bert")
-    return model, report, toy_ranges(model, report)
+    return model, report, toy_statistics(model, report)
+
+
+def lower_plan(model: onnx.ModelProto, p: QuantPlan, variant: str = "portable") -> QuantizedModel:
+    """The weight stage, then lowering (what builder.pipeline.quantize_planned composes)."""
+    return lower(model, p, quantize_weights(model, p), variant)
 
 
 @pytest.fixture(scope="module")
@@ -69,9 +78,9 @@ def feeds() -> dict[str, np.ndarray]:
 
 
 def lowered(toy: Toy, recipe: str | Recipe, **kw: Any) -> QuantizedModel:
-    model, report, table = toy
+    model, report, stats = toy
     r = load_preset(recipe) if isinstance(recipe, str) else recipe
-    return lower(model, plan(report, r, table, **kw))
+    return lower_plan(model, plan(report, r, stats, **kw))
 
 
 def ops(model: onnx.ModelProto, op_type: str) -> list[onnx.NodeProto]:
@@ -104,15 +113,15 @@ def test_int8_gemm_structure_and_weights(toy: Toy) -> None:
 
 def test_activation_qdq_is_bit_exact_fake_quant(toy: Toy, feeds: dict[str, np.ndarray]) -> None:
     q = lowered(toy, "int8-gemm")
-    _, report, table = toy
+    _, report, stats = toy
     fc2 = report.find(Role.FC2, 1)
     assert fc2 is not None
     x = fc2.inputs[0]
     node = next(n for n in q.model.graph.node if n.name == fc2.node)
     out = run_ort(q.model, feeds, [x, node.input[0]])
-    rng = table.get(x)  # the FC2 input takes its MSE range in int8-gemm, centered on the clipped range
-    assert rng.method.value == "mse"
-    lo, hi = max(rng.observed_min, -rng.amax), min(rng.observed_max, rng.amax)
+    amax = tensor_amax(stats.get(x), RangeSpec(method=RangeMethod.MSE))  # int8-gemm: FC2 input at its MSE range,
+    minmax = stats.get(x).minmax  # centered on the clipped range
+    lo, hi = max(minmax.minimum, -amax), min(minmax.maximum, amax)
     scale = np.float32((hi - lo) / 2 / 127)  # range in float64, scale in float32
     centered = out[x] - np.float32((lo + hi) / 2)
     np.testing.assert_array_equal(out[node.input[0]], fake_quant(centered, scale))
@@ -142,7 +151,7 @@ def test_fwq_folding_preserves_the_layernorm_output(toy: Toy, feeds: dict[str, n
     fc1 = report.find(Role.FC1, 0)
     assert ln is not None and fc1 is not None and fc1.weight is not None
     act = next(a for a in q.plan.activations if a.tensor == ln.outputs[0])
-    s = np.asarray(act.feature_scale, dtype=np.float32)
+    s = np.asarray(act.params.feature_scale, dtype=np.float32)
     copy = next(n for n in q.model.graph.node if n.name == f"{ln.node}_fwq")
     out = run_ort(q.model, feeds, [copy.output[0], ln.outputs[0]])
     np.testing.assert_allclose(out[copy.output[0]] * s, out[ln.outputs[0]], rtol=1e-4, atol=1e-5)
@@ -174,12 +183,13 @@ def test_peg_rewrite_matches_fake_quant_peg(toy: Toy, feeds: dict[str, np.ndarra
     fc1 = report.find(Role.FC1, 1)
     assert fc1 is not None and fc1.weight is not None
     act = next(a for a in q.plan.activations if a.tensor == fc1.inputs[0])
-    assert len(act.groups) == 6 and sorted(d for g in act.groups for d in g.dims) == list(range(36))
+    groups = act.params.groups
+    assert len(groups) == 6 and sorted(d for g in groups for d in g.dims) == list(range(36))
     out = run_ort(q.model, feeds, [fc1.inputs[0], fc1.outputs[0]])
     x = out[fc1.inputs[0]]
     w = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == fc1.weight))
     expected = np.zeros((*x.shape[:-1], w.shape[1]), dtype=np.float64)
-    for g in act.groups:
+    for g in groups:
         dims = np.asarray(g.dims)
         xg = fake_quant(x[..., dims], np.float32(g.amax / 127))
         wg = w[dims, :]
@@ -224,26 +234,27 @@ def test_lowering_is_deterministic(toy: Toy) -> None:
 
 
 def test_old_opset_is_rejected(toy: Toy) -> None:
-    model, report, table = toy
+    model, report, stats = toy
     old = onnx.ModelProto()
     old.CopyFrom(model)
     for o in old.opset_import:
         if o.domain in ("", "ai.onnx"):
             o.version = 12
     with pytest.raises(BuildError, match="opset 12 is below 13"):
-        lower(old, plan(report, load_preset("int8-gemm"), table))
+        lower_plan(old, plan(report, load_preset("int8-gemm"), stats))
 
 
 def test_plan_for_another_model_is_rejected(toy: Toy) -> None:
-    _, report, table = toy
+    model, report, stats = toy
     other = bert_block_model(layers=1, hidden=36, heads=2, ffn=72)
+    p = plan(report, load_preset("int8-gemm"), stats)
     with pytest.raises(BuildError, match="no node named"):
-        lower(other, plan(report, load_preset("int8-gemm"), table))
+        lower(other, p, quantize_weights(model, p))
 
 
 def test_plugin_variant_fuses_layernorm_and_softmax_quantize(toy: Toy) -> None:
-    model, report, table = toy
-    plugin = lower(model, plan(report, load_preset("hero-m3"), table), "plugin")
+    model, report, stats = toy
+    plugin = lower_plan(model, plan(report, load_preset("hero-m3"), stats), "plugin")
     kinds = [n.op_type for n in plugin.model.graph.node]
     assert kinds.count("LayerNormQuantize") == 5 and kinds.count("SoftmaxQuantize") == 2  # 5 LNs, 2 softmaxes
     assert plugin.variant == "plugin"
@@ -254,9 +265,9 @@ def test_plugin_variant_matches_portable(toy: Toy, feeds: dict[str, np.ndarray])
     pytest.importorskip("onnxruntime_extensions", reason="plugin nodes run through onnxruntime-extensions")
     from builder.evaluate.runner import OrtRunner
 
-    model, report, table = toy
-    p = plan(report, load_preset("hero-m3"), table)
-    plugin, portable = lower(model, p, "plugin"), lower(model, p, "portable")
+    model, report, stats = toy
+    p = plan(report, load_preset("hero-m3"), stats)
+    plugin, portable = lower_plan(model, p, "plugin"), lower_plan(model, p, "portable")
     fused = {o for n in plugin.model.graph.node if n.op_type.endswith("Quantize") for o in n.output}
     int8 = [n.output[0] for n in ops(portable.model, "QuantizeLinear") if n.output[0] in fused]
     assert len(int8) >= 4  # the plugins write the INT8 tensors the QuantizeLinear nodes wrote
@@ -329,7 +340,7 @@ def test_peg_splits_gemm_transb_consumers() -> None:
 
     model = gpt_block_model(layers=1, hidden=36, heads=2, ffn=72, gemm_ffn=True)
     report = analyze(model, name="toy_gpt")
-    q = lower(model, plan(report, load_preset("bondarenko-peg"), toy_ranges(model, report)))
+    q = lower_plan(model, plan(report, load_preset("bondarenko-peg"), toy_statistics(model, report)))
     fc1 = report.find(Role.FC1, 0)
     assert fc1 is not None and fc1.weight is not None and fc1.weight_axis == 0
     assert not any(n.name == fc1.node for n in q.model.graph.node)
@@ -340,10 +351,70 @@ def test_peg_splits_gemm_transb_consumers() -> None:
     original = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     w, bias = original[fc1.weight], original[next(n for n in model.graph.node if n.name == fc1.node).input[2]]
     expected = np.zeros((x.shape[0], w.shape[0]), dtype=np.float64) + bias
-    for g in act.groups:  # W is [N, K] (transB=1): groups slice its columns, channels are its rows
+    for g in act.params.groups:  # W is [N, K] (transB=1): groups slice its columns, channels are its rows
         dims = np.asarray(g.dims)
         wg = w[:, dims]
         ws = (np.max(np.abs(wg), axis=1).astype(np.float64) / 127).astype(np.float32)
         wq = (np.clip(np.rint(wg / ws[:, None]), -127, 127) * ws[:, None]).astype(np.float64)
         expected += fake_quant(x[:, dims], np.float32(g.amax / 127)).astype(np.float64) @ wq.T
     np.testing.assert_allclose(out[fc1.outputs[0]], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adjacent_fallback_islands_leave_no_cast_round_trip(toy: Toy, feeds: dict[str, np.ndarray]) -> None:
+    """Two FP16 nodes in a row (softmax -> P.V) share their boundary: no Cast(fp32) feeding a Cast(fp16)."""
+    from builder.recipes.overrides import parse_fallbacks
+
+    rules = tuple(o.to_rule() for o in parse_fallbacks(["layer.1=fp16"]))
+    q = lowered(toy, load_preset("int8-gemm").with_rules(rules))
+    producers = {o: n for n in q.model.graph.node for o in n.output}
+    round_trips = [n.name for n in ops(q.model, "Cast")
+                   if n.attribute[0].i == TensorProto.FLOAT16 and n.input[0] in producers
+                   and producers[n.input[0]].op_type == "Cast"
+                   and producers[n.input[0]].attribute[0].i == TensorProto.FLOAT]
+    assert not round_trips
+    _, report, _ = toy
+    sm, pv = report.find(Role.ATTN_SOFTMAX, 1), report.find(Role.ATTN_PV, 1)
+    assert sm is not None and pv is not None
+    pv_node = next(n for n in q.model.graph.node if n.name == pv.node)
+    assert producers[pv_node.input[0]].name == sm.node  # the FP16 softmax feeds the FP16 P.V directly
+    name = q.model.graph.output[0].name
+    assert np.all(np.isfinite(run_ort(q.model, feeds)[name]))
+
+
+def test_invariants_reject_a_qdq_pair_with_unequal_scales(toy: Toy) -> None:
+    from builder.lower.checks import check_qdq_invariants
+    from calib.errors import InternalError
+
+    q = lowered(toy, "int8-gemm")
+    broken = onnx.ModelProto()
+    broken.CopyFrom(q.model)
+    dq = next(n for n in broken.graph.node if n.op_type == "DequantizeLinear" and not n.input[0].endswith("_int8"))
+    scale = numpy_helper.to_array(next(i for i in broken.graph.initializer if i.name == dq.input[1]))
+    broken.graph.initializer.append(numpy_helper.from_array((scale * np.float32(1.5)).astype(np.float32), "other"))
+    dq.input[1] = "other"
+    with pytest.raises(InternalError, match="unequal scales"):
+        check_qdq_invariants(broken)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_weight_bits_reach_the_lowered_weights(toy: Toy, bits: int) -> None:
+    """The plan's weight bit width is what the WeightSet quantizes to (per channel, qmax = 2**(bits-1) - 1)."""
+    from builder.quant.rtn import RtnConfig
+    from builder.recipes.model import Rule, Selector, Settings
+
+    model, report, _ = toy
+    recipe = load_preset("int8-gemm").with_rules((Rule(select=Selector(roles=(Role.FC1,)),
+                                                       set=Settings(weight=RtnConfig(bits=bits))),))
+    q = lowered(toy, recipe)
+    qmax = (1 << (bits - 1)) - 1
+    original = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for a in report.by_role(Role.FC1):
+        assert a.weight is not None
+        w = original[a.weight]
+        values, scale = init(q.model, f"{a.weight}_int8"), init(q.model, f"{a.weight}_scale")
+        expected_scale = (np.max(np.abs(w), axis=0).astype(np.float64) / qmax).astype(np.float32)
+        np.testing.assert_array_equal(scale, expected_scale)
+        np.testing.assert_array_equal(values, np.clip(np.rint(w / expected_scale), -qmax, qmax).astype(np.int8))
+        assert int(np.max(np.abs(values))) == qmax
+        edge = next(w_ for w_ in q.plan.weights if w_.node == a.node)
+        assert edge.config == RtnConfig(bits=bits)

@@ -15,20 +15,17 @@ from onnx import numpy_helper
 from builder.graph.analyze import analyze
 from builder.graph.report import GraphReport, Role
 from builder.graph.targets import calibration_tensors
-from builder.lower.pipeline import lower
 from builder.plan.planner import plan
-from builder.plan.ranges import centered_range
+from builder.quant.centered import centered_range
 from builder.recipes.loader import load_preset, recipe_from_yaml
-from builder.recipes.model import Scheme, Settings
-from calib.calibrate import calibrate
+from calib.collect import collect
 from calib.errors import ConfigError
-from calib.range_table import RangeMethod
 from tests.toygraphs import bert_block_model, gpt_block_model, mlp_model
-from tests.unit.test_lower import fake_quant, real_feeds, run_ort
-from tests.unit.test_plan import toy_ranges
+from tests.unit.test_lower import fake_quant, lower_plan, real_feeds, run_ort
+from tests.unit.test_plan import toy_statistics
 
 CENTERED = "name: centered\nrules:\n  - select: {roles: [qkv, q_proj, k_proj, v_proj, attn_out, fc1, fc2, gemm]}\n" \
-           "    set: {precision: int8, center: true}\n"
+           "    set: {precision: int8, activation: {quantizer: centered}}\n"
 
 
 def _weight_dq(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
@@ -42,14 +39,13 @@ def _weight_dq(model: onnx.ModelProto, node: onnx.NodeProto) -> np.ndarray:
 
 def _check_centered_gemms(model: onnx.ModelProto, report: GraphReport, feeds: dict[str, np.ndarray]) -> int:
     """Compare every centered GEMM's biased output with NumPy; returns how many GEMMs were checked."""
-    table = toy_ranges(model, report, sentences=16)
-    q = lower(model, plan(report, recipe_from_yaml(CENTERED), table))
+    stats = toy_statistics(model, report, sentences=16)
+    q = lower_plan(model, plan(report, recipe_from_yaml(CENTERED), stats))
     original = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     checked = 0
     for act in q.plan.activations:
-        rng = table.get(act.tensor)
-        assert (act.offset, act.amax) == centered_range(max(abs(rng.observed_min), abs(rng.observed_max)),
-                                                          rng.observed_min, rng.observed_max)
+        lo, hi = stats.get(act.tensor).minmax.minimum, stats.get(act.tensor).minmax.maximum
+        assert (act.params.offset, act.params.amax) == centered_range(max(abs(lo), abs(hi)), lo, hi)
         for name in act.consumers:
             node = next(n for n in q.model.graph.node if n.name == name)
             fp_node = next(n for n in model.graph.node if n.name == name)
@@ -63,8 +59,8 @@ def _check_centered_gemms(model: onnx.ModelProto, report: GraphReport, feeds: di
             x_name = fp_node.input[0]
             values = run_ort(q.model, feeds, [x_name, out])
             x = values[x_name]
-            c = np.float32(act.offset)
-            x_hat = fake_quant(x - c, np.float32(act.amax / 127)).astype(np.float64) + float(c)
+            c = np.float32(act.params.offset)
+            x_hat = fake_quant(x - c, np.float32(act.params.amax / 127)).astype(np.float64) + float(c)
             w = _weight_dq(q.model, node)
             expected = x_hat @ (w.T if trans_b else w) + bias
             got = values[out].astype(np.float64)
@@ -107,31 +103,30 @@ def test_gemm_without_bias_gets_one() -> None:
         model.graph.node.remove(add)
     report = analyze(model, name="toy_mlp")
     x = np.stack([np.linspace(-1.0, 3.0, 16, dtype=np.float32) * (1 + 0.1 * i) for i in range(4)])
-    table = calibrate(model, [{"x": x}], calibration_tensors(model, report), RangeMethod.MAX)
-    q = lower(model, plan(report, recipe_from_yaml(CENTERED), table))
+    stats = collect(model, [{"x": x}], calibration_tensors(model, report)).statistics
+    q = lower_plan(model, plan(report, recipe_from_yaml(CENTERED), stats))
     added = [n for n in q.model.graph.node if n.name.endswith("_CenterBias")]
     assert len(added) == 2
     w = _weight_dq(q.model, next(n for n in q.model.graph.node if n.op_type == "MatMul"))
     act = next(a for a in q.plan.activations if a.tensor == "x")
     first = next(n for n in model.graph.node if n.op_type == "MatMul")
     got = run_ort(q.model, {"x": x}, [first.output[0]])[first.output[0]]
-    c = np.float32(act.offset)
-    expected = (fake_quant(x - c, np.float32(act.amax / 127)).astype(np.float64) + float(c)) @ w
+    c = np.float32(act.params.offset)
+    expected = (fake_quant(x - c, np.float32(act.params.amax / 127)).astype(np.float64) + float(c)) @ w
     np.testing.assert_allclose(got, expected, atol=1e-5 * (1 + np.max(np.abs(expected))), rtol=0)
 
 
 def test_center_is_refused_where_nothing_can_absorb_the_offset() -> None:
     model = bert_block_model(layers=1, hidden=36, heads=2, ffn=72)
     report = analyze(model, name="toy_bert")
-    table = toy_ranges(model, report, sentences=8)
-    on_attention = "name: c\nrules:\n  - select: {roles: [attn_qk]}\n    set: {precision: int8, center: true}\n"
-    with pytest.raises(ConfigError, match=r"center folds the shift into a GEMM bias.*weight-GEMM inputs only"):
-        plan(report, recipe_from_yaml(on_attention), table)
-    with pytest.raises(ConfigError, match="conflicting settings: center with scheme feature"):
-        Settings(center=True, scheme=Scheme.FEATURE)
-    with pytest.raises(ConfigError, match="center"):
-        recipe_from_yaml("name: c\nrules:\n  - set: {center: yes please}\n")
+    stats = toy_statistics(model, report, sentences=8)
+    on_attention = ("name: c\nrules:\n  - select: {roles: [attn_qk]}\n"
+                    "    set: {precision: int8, activation: {quantizer: centered}}\n")
+    with pytest.raises(ConfigError, match=r"quantizer 'centered' cannot quantize operand tensors.*weight_input"):
+        plan(report, recipe_from_yaml(on_attention), stats)
+    with pytest.raises(ConfigError, match="range max, percentile, entropy or mse, not fixed"):
+        recipe_from_yaml("name: c\nrules:\n  - set: {activation: {quantizer: centered, range: fixed}}\n")
     mixed = load_preset("int8-gemm").with_rules(recipe_from_yaml(
-        "name: m\nrules:\n  - select: {roles: [k_proj]}\n    set: {center: false}\n").rules)
+        "name: m\nrules:\n  - select: {roles: [k_proj]}\n    set: {activation: {quantizer: static}}\n").rules)
     with pytest.raises(ConfigError, match="conflicting rules for tensor"):
-        plan(report, mixed, table)
+        plan(report, mixed, stats)

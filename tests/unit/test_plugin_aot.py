@@ -12,7 +12,7 @@ from calib.errors import ConfigError, GraphError
 
 pytest.importorskip("triton", reason="AOT compilation needs triton")
 
-from plugins.aot import SUPPORTED_ARCHS, compile_layernorm_quant, compile_softmax_quant
+from plugins.aot import MIN_PTX_ISA, SUPPORTED_ARCHS, compile_layernorm_quant, compile_softmax_quant
 
 
 def _params(ptx: str) -> list[str]:
@@ -25,7 +25,7 @@ def _ptxas_accepts(ptx: str, arch: int, tmp_path: Path) -> None:
     ptxas = Path(get_ptxas(arch).path)  # the ptxas triton itself uses for this arch
     src = tmp_path / f"k{arch}.ptx"
     src.write_text(ptx)
-    target = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    target = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
     proc = subprocess.run([str(ptxas), f"-arch={target}", str(src), "-o", str(tmp_path / "k.cubin")],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -51,9 +51,21 @@ def test_softmax_ptx_for_every_arch_has_the_tensorrt_abi(arch: int, tmp_path: Pa
     _ptxas_accepts(k.ptx, arch, tmp_path)
 
 
+@pytest.mark.parametrize("arch", SUPPORTED_ARCHS)
+def test_ptx_isa_is_the_oldest_the_driver_must_support(arch: int, tmp_path: Path) -> None:
+    """An explicit ISA (what plugin.py asks for from the driver's CUDA version) is written into the PTX, and
+    the oldest ISA that can name the target still assembles: a driver of that age can load it."""
+    isa = MIN_PTX_ISA[arch]
+    k = compile_softmax_quant(dtype="float16", n_cols=100, scale=1 / 127, arch=arch, ptx_isa=isa, exact_width=False)
+    assert re.search(rf"^\.version {isa // 10}\.{isa % 10}$", k.ptx, re.MULTILINE)
+    _ptxas_accepts(k.ptx, arch, tmp_path)
+
+
 def test_bad_requests_fail_before_compiling() -> None:
-    with pytest.raises(ConfigError, match="sm_75"):
-        compile_softmax_quant(dtype="float16", n_cols=128, scale=0.01, arch=75)
+    with pytest.raises(ConfigError, match="sm_70"):
+        compile_softmax_quant(dtype="float16", n_cols=128, scale=0.01, arch=70)
+    with pytest.raises(ConfigError, match="PTX ISA 78 cannot name sm_90"):
+        compile_softmax_quant(dtype="float16", n_cols=128, scale=0.01, arch=90, ptx_isa=78)
     with pytest.raises(ConfigError, match="bfloat16"):
         compile_softmax_quant(dtype="bfloat16", n_cols=128, scale=0.01)
     with pytest.raises(GraphError, match=r"1\.\.16384"):

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builder.lower.fuse_plugins import FusePluginsConfig, fuse_plugins
-from calib.errors import GraphError
+from calib.errors import ConfigError, GraphError
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxruntime_extensions", reason="plugin evaluation needs onnxruntime-extensions")
@@ -77,6 +77,19 @@ def test_config_can_keep_the_adds_and_round_trips() -> None:
     assert FusePluginsConfig.from_json(config.to_json()) == config
     kinds = [n.op_type for n in fuse_plugins(_toy(), config).model.graph.node]
     assert kinds.count("Add") == 3 and "LayerNormQuantize" in kinds and "SoftmaxQuantize" in kinds
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ('{"layernorm": true, "softmx": false}', r"unknown key 'softmx' at \$; allowed: layernorm, softmax, residual, "
+                                            r"mask, .*version; did you mean 'softmax'"),
+    ('{"mask": "no"}', r"Expected `bool`, got `str` at \$\.mask"),
+    ('{"version": 2}', "fuse-plugins config version 2 not supported; expected 1"),
+    ('[true]', "Expected `object`, got `array`"),
+])
+def test_config_json_is_strict(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        FusePluginsConfig.from_json(text)
+    assert FusePluginsConfig.from_json('{"residual": false}') == FusePluginsConfig(residual=False)  # version optional
 
 
 def test_bias_add_is_not_taken_for_a_residual() -> None:

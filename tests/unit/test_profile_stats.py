@@ -1,7 +1,8 @@
-"""trtexec-style latency statistics and the LatencyReport round trip."""
+"""trtexec-style latency statistics; the LatencyReport round trip, its JSON shape and strict decoding."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from builder.profile.report import (
     trtexec_median,
     trtexec_percentile,
 )
+from calib.errors import ConfigError
 
 
 def test_percentiles_pick_trtexec_samples() -> None:
@@ -52,3 +54,51 @@ def test_report_round_trip() -> None:
     again = LatencyReport.from_json(report.to_json())
     assert again == report
     assert again.results[0].sequences_per_s == pytest.approx(3200.0)
+
+
+def _report() -> LatencyReport:
+    stats = LatencyStats.from_samples([1.0, 2.0, 4.0])
+    result = LatencyResult(label="fp32", runtime="tensorrt", runtime_version="10.9", model="e", batch=2, seq=32,
+                           warmup_ms=100.0, latency=stats, compute=stats, h2d=stats, d2h=stats,
+                           throughput_qps=10.0, flags={"iterations": 5, "cuda_graphs": False, "threads": None,
+                                                       "host_memory": "pageable", "duration_s": 0.5})
+    return LatencyReport(results=(result,), host={"machine": "x86_64"})
+
+
+def test_report_json_shape() -> None:
+    data = json.loads(_report().to_json())
+    assert sorted(data) == ["host", "results", "skipped", "version"] and data["version"] == 2
+    assert sorted(data["results"][0]) == ["batch", "compute", "d2h", "flags", "h2d", "label", "latency", "model",
+                                          "runtime", "runtime_version", "seq", "throughput_qps", "warmup_ms"]
+    assert data["results"][0]["flags"]["cuda_graphs"] is False and data["results"][0]["latency"]["count"] == 3
+    assert LatencyReport.from_json(_report().to_json()) == _report()
+
+
+@pytest.mark.parametrize(("path", "key", "where"), [
+    ((), "hots", r"\$; allowed: results, skipped, host, version; did you mean 'host'"),
+    (("results", 0), "sequences_per_s", r"\$\.results\[0\]; allowed: label, runtime"),
+    (("results", 0, "h2d"), "p50_ms", r"\$\.results\[0\]\.h2d; allowed: count, min_ms"),
+])
+def test_unknown_keys_are_named_with_their_place(path: tuple[str | int, ...], key: str, where: str) -> None:
+    data = json.loads(_report().to_json())
+    node = data
+    for step in path:
+        node = node[step]
+    node[key] = 1.0
+    with pytest.raises(ConfigError, match=rf"latency report: unknown key '{key}' at {where}"):
+        LatencyReport.from_json(json.dumps(data))
+
+
+def test_a_version_1_report_is_refused_by_version() -> None:
+    data = json.loads(_report().to_json())
+    data["version"] = 1
+    data["results"][0]["sequences_per_s"] = 20.0  # what version 1 stored
+    with pytest.raises(ConfigError, match="latency report version 1 not supported; expected 2"):
+        LatencyReport.from_json(json.dumps(data))
+
+
+def test_flags_take_only_scalars() -> None:
+    data = json.loads(_report().to_json())
+    data["results"][0]["flags"]["providers"] = ["CPUExecutionProvider"]
+    with pytest.raises(ConfigError, match=r"\$\.results\[0\]\.flags"):
+        LatencyReport.from_json(json.dumps(data))

@@ -6,6 +6,9 @@ import pytest
 
 from builder.graph.analyze import analyze
 from builder.graph.report import GraphReport, Role
+from builder.quant.centered import CenteredConfig
+from builder.quant.peg import PegConfig
+from builder.quant.static import StaticConfig
 from builder.recipes.loader import (
     load_preset,
     load_recipe,
@@ -15,13 +18,14 @@ from builder.recipes.loader import (
     recipe_to_json,
     recipe_to_yaml,
 )
-from builder.recipes.model import Precision, RangeChoice, Recipe, Rule, Scheme, Selector, Settings
+from builder.recipes.model import Precision, Recipe, Rule, Selector, Settings
 from builder.recipes.overrides import check_overrides, parse_fallback, parse_fallbacks
 from builder.recipes.resolve import resolve
 from calib.errors import ConfigError
 from tests.toygraphs import bert_block_model
 
-EXPECTED_PRESETS = {"fp16", "int8-gemm", "hero-m1", "hero-m2", "hero-m3", "bondarenko-mp", "bondarenko-peg"}
+EXPECTED_PRESETS = {"fp16", "int8-gemm", "hero-m1", "hero-m2", "hero-m3", "bondarenko-mp", "bondarenko-peg",
+                    "smooth-w8a8", "smooth-mp", "int8-all-linear", "sparq-b4", "sparq-v4"}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +57,15 @@ def test_unknown_preset_suggests_close_match() -> None:
         ("name: x\nrules:\n  - select: {roles: [fc3]}\n    set: {precision: int8}\n", "unknown role 'fc3'"),
         ("name: x\n", "missing required key 'rules'"),
         ("name: x\nname: y\nrules: []\n", "appears twice"),
-        ("name: x\nrules:\n  - set: {precision: fp16, scheme: peg}\n", "conflicting settings"),
+        ("name: x\nrules:\n  - set: {activation: {quantizer: sparq9}}\n", "unknown activation quantizer"),
+        ("name: x\nrules:\n  - set: {activation: {quantizer: centred}}\n", "did you mean 'centered'"),
+        ("name: x\nrules:\n  - set: {activation: {quantizer: peg, group: 4}}\n", "unknown key 'group'.*groups"),
+        ("name: x\nrules:\n  - set: {activation: {quantizer: peg, groups: 0}}\n", "groups 0 must be at least 1"),
+        ("name: x\nrules:\n  - set: {activation: {range: max}}\n", "expected a mapping with a 'quantizer' key"),
+        ("name: x\nrules:\n  - set: {weight: {quantizer: rtn, bits: 9}}\n", "bits 9 is outside 2..8"),
+        ("name: x\nrules:\n  - set: {activation: {quantizer: static, percentile: 40}}\n", "percentile 40"),
         ("name: x\nrules: []\nversion: 9\n", "version 9 not supported"),
+        ("version: 1\nname: x\nrules: []\n", "version 1 .* is no longer read"),
     ],
 )
 def test_bad_recipe_yaml_is_rejected(text: str, message: str) -> None:
@@ -71,16 +82,17 @@ def test_last_matching_rule_wins_per_field(report: GraphReport) -> None:
     recipe = Recipe(name="t", rules=(
         Rule(select=Selector(roles=(Role.FC1, Role.FC2)), set=Settings(precision=Precision.INT8)),
         Rule(select=Selector(roles=(Role.FC2,), layers=(1,)), set=Settings(precision=Precision.FP16)),
-        Rule(select=Selector(roles=(Role.FC2,)), set=Settings(range=RangeChoice.PERCENTILE, percentile=99.9)),
+        Rule(select=Selector(roles=(Role.FC2,)),
+             set=Settings(activation=StaticConfig(range="percentile", percentile=99.9))),
     ))
     resolved = resolve(recipe, report)
     fc2 = {a.layer: resolved[a.node] for a in report.by_role(Role.FC2)}
     assert fc2[0].settings.precision == Precision.INT8
     assert fc2[1].settings.precision == Precision.FP16  # rule 1 set precision; rule 2 only the range
     assert fc2[1].precision_rule == 1
-    assert fc2[0].settings.range == RangeChoice.PERCENTILE and fc2[0].settings.percentile == 99.9
+    assert fc2[0].settings.activation == StaticConfig(range="percentile", percentile=99.9)
     fc1 = report.by_role(Role.FC1)[0]
-    assert resolved[fc1.node].settings.range == RangeChoice.MAX  # built-in default
+    assert resolved[fc1.node].settings.activation == StaticConfig(range="max")  # built-in default
     attn = report.by_role(Role.ATTN_QK)[0]
     assert resolved[attn.node].settings.precision == Precision.FP32
     assert resolved[attn.node].precision_note == "recipe defaults"
@@ -148,10 +160,11 @@ def test_overrides_win_over_recipe_rules(report: GraphReport) -> None:
     assert fc2[0].settings.precision == Precision.INT8
 
 
-def test_settings_validation() -> None:
-    with pytest.raises(ConfigError, match="percentile 40"):
-        Settings(percentile=40.0)
-    with pytest.raises(ConfigError, match="groups 0"):
-        Settings(groups=0)
-    with pytest.raises(ConfigError, match="conflicting settings"):
-        Settings(precision=Precision.BF16, scheme=Scheme.FEATURE)
+def test_quantizer_configs_round_trip_through_yaml() -> None:
+    recipe = Recipe(name="t", rules=(
+        Rule(select=Selector(roles=(Role.FC2,)), set=Settings(activation=CenteredConfig(range="mse"))),
+        Rule(select=Selector(roles=(Role.FC1,)), set=Settings(activation=PegConfig(groups=4))),
+    ))
+    text = recipe_to_yaml(recipe)
+    assert "quantizer: centered" in text and "quantizer: peg" in text
+    assert recipe_from_yaml(text) == recipe

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
+import msgspec
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -80,7 +80,7 @@ def test_max_batch_beyond_profile_is_refused(engines: dict[str, Path], tmp_path:
 
 def test_unknown_dtype_is_named(engines: dict[str, Path]) -> None:
     manifest = read_manifest(engines["dynamic"])
-    odd = dataclasses.replace(manifest, outputs=(TensorSpec(name="y", dtype="float8e4m3", shape=(-1, -1, 8)),))
+    odd = msgspec.structs.replace(manifest, outputs=(TensorSpec(name="y", dtype="float8e4m3", shape=(-1, -1, 8)),))
     with pytest.raises(ConfigError, match=r"'float8e4m3'.*allowed"):
         render_config(odd, TritonOptions(model_name="toy"))
 
@@ -92,7 +92,7 @@ def test_plugin_library_is_copied_with_server_flag(engines: dict[str, Path], tmp
     lib = tmp_path / "libbuild_engine_plugins.so"
     lib.write_bytes(b"\x7fELF plugin library")
     (engine / manifest.plan_file).write_bytes((engines["dynamic"] / manifest.plan_file).read_bytes())
-    with_plugin = dataclasses.replace(manifest, plugins=(
+    with_plugin = msgspec.structs.replace(manifest, plugins=(
         PluginRecord(op="build_engine::LayerNormQuantize", version="1", source=str(lib)),
     ))
     (engine / MANIFEST_FILE).write_text(with_plugin.to_json())
@@ -115,6 +115,10 @@ def test_cli_export_and_bad_inputs(engines: dict[str, Path], tmp_path: Path,
     a_file.write_text("x")
     assert main(["export-triton", str(engines["dynamic"]), "--repo", str(a_file)]) == 2
     assert "is a file" in capsys.readouterr().err
+    missing = tmp_path / "no" / "repo"
+    assert main(["export-triton", str(engines["dynamic"]), "--repo", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err and not (tmp_path / "no").exists()
     assert not (tmp_path / "r2").exists()
 
 

@@ -1,4 +1,4 @@
-"""Lowering: empirical bias correction of INT8 weight GEMMs on calibration data.
+"""Weight stage: empirical bias correction of INT8 weight GEMMs on calibration data.
 
 The corrected biases are compared with an independent NumPy computation (fake-quantized input and
 per-channel weight, mean over the non-padding calibration tokens), and the corrected model's GEMM+bias
@@ -7,6 +7,7 @@ outputs are checked to have the FP32 model's per-channel mean on the calibration
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,20 +17,27 @@ from onnx import numpy_helper
 
 from builder.graph.analyze import analyze
 from builder.graph.report import GraphReport, Role
-from builder.lower.bias_correction import correct_biases, find_targets
-from builder.lower.quantize import quantize
-from builder.plan.artifact import QuantPlan
+from builder.lower.pipeline import QuantizedModel
+from builder.pipeline import quantize as pipeline_quantize
+from builder.plan.artifact import load_plan
 from builder.plan.planner import BIAS_CORRECTION_NOTE, plan
 from builder.recipes.loader import load_preset, recipe_from_yaml
 from builder.recipes.model import Recipe, Rule, Selector, Settings
+from builder.weights.bias_correction import correct_biases, find_targets
 from calib.errors import ConfigError
-from calib.range_table import RangeTable
+from calib.statistics import Statistics
 from tests.toygraphs import bert_block_model
 from tests.unit.test_lower import fake_quant
-from tests.unit.test_plan import toy_ranges
+from tests.unit.test_plan import toy_statistics
 
 Feeds = list[dict[str, np.ndarray]]
-Toy = tuple[onnx.ModelProto, GraphReport, RangeTable, Feeds]
+Toy = tuple[onnx.ModelProto, GraphReport, Statistics, Feeds]
+
+
+def quantize(model: onnx.ModelProto, recipe: Recipe | str, stats: Statistics, *, report: GraphReport,
+             calibration_feeds: Feeds | None = None) -> QuantizedModel:
+    r = load_preset(recipe) if isinstance(recipe, str) else recipe
+    return pipeline_quantize(model, report, r, stats, feeds=calibration_feeds).model
 
 
 def calibration_feeds(sentences: int = 24) -> Feeds:
@@ -45,7 +53,7 @@ def calibration_feeds(sentences: int = 24) -> Feeds:
 def toy() -> Toy:
     model = bert_block_model(layers=2, hidden=36, heads=2, ffn=72)
     report = analyze(model, name="toy_bert")
-    return model, report, toy_ranges(model, report), calibration_feeds()
+    return model, report, toy_statistics(model, report), calibration_feeds()
 
 
 def corrected_recipe() -> Recipe:
@@ -91,7 +99,7 @@ def test_recipe_setting_reaches_plan_and_rejects_bad_values(toy: Toy) -> None:
     fc = [n for n in p.nodes if n.role in ("fc1", "fc2")]
     assert fc and all(BIAS_CORRECTION_NOTE in n.reason for n in fc)
     assert set(p.bias_correction_nodes) == {n.node for n in fc}
-    assert QuantPlan.from_json(p.to_json()) == p
+    assert load_plan(p.to_json()) == p
     assert not plan(report, load_preset("int8-gemm"), table).bias_correction_nodes
     with pytest.raises(ConfigError, match="bias_correction"):
         recipe_from_yaml("name: bc\nrules:\n  - set: {bias_correction: 1}\n")
@@ -117,8 +125,8 @@ def test_first_stage_biases_match_numpy_reference(toy: Toy) -> None:
         w_scale = (np.max(np.abs(w), axis=0) / np.float32(127)).astype(np.float32)
         w_q = (np.clip(np.rint(w / w_scale), -127, 127) * w_scale).astype(np.float32)
         x_runs = outputs_over(model, feeds, [a.inputs[0]])[a.inputs[0]]
-        x_scale = np.float32(acts[a.inputs[0]].amax / 127)
-        c = np.float32(acts[a.inputs[0]].offset)  # int8-gemm centers its inputs; the GEMM reads DQ(Q(x - c))
+        x_scale = np.float32(acts[a.inputs[0]].params.amax / 127)
+        c = np.float32(acts[a.inputs[0]].params.offset)  # int8-gemm centers its inputs; the GEMM reads DQ(Q(x - c))
         shift = masked_mean([fake_quant(x - c, x_scale).astype(np.float64) @ w_q.astype(np.float64)
                              - x.astype(np.float64) @ w.astype(np.float64) for x in x_runs], feeds)
         _, add_fp = gemm_and_add(model, a.node)
@@ -148,7 +156,7 @@ def test_correction_removes_mean_output_error_and_is_deterministic(toy: Toy) -> 
         err_before = masked_mean(before[t], feeds) - mean_ref
         err_after = masked_mean(after[t], feeds) - mean_ref
         assert np.max(np.abs(err_after)) < 1e-5 + 0.02 * np.max(np.abs(err_before)), t
-    direct = correct_biases(model, base.model, feeds, nodes=corrected.plan.bias_correction_nodes)
+    direct, _ = correct_biases(model, base.model, feeds, nodes=corrected.plan.bias_correction_nodes)
     assert direct.SerializeToString(deterministic=True) == corrected.serialize()
     again = quantize(model, corrected_recipe(), table, report=report, calibration_feeds=feeds)
     assert again.serialize() == corrected.serialize()
@@ -158,16 +166,19 @@ def test_correction_removes_mean_output_error_and_is_deterministic(toy: Toy) -> 
 def test_quantize_cli_corrects_biases_with_calibration_flags(toy: Toy, tmp_path: Path) -> None:
     from builder.cli.main import main
 
-    model, _, table, _ = toy
-    model_path, ranges, recipe = tmp_path / "toy.onnx", tmp_path / "ranges.json", tmp_path / "bc.yaml"
+    model, _, stats, _ = toy
+    from builder.intake.minilm import tokenizer_json_path
+
+    model_path, recipe = tmp_path / "toy.onnx", tmp_path / "bc.yaml"
     onnx.save(model, str(model_path))
-    ranges.write_text(table.to_json())
+    shutil.copy(tokenizer_json_path(), tmp_path / "tokenizer.json")  # the toy's vocabulary is BERT's
+    stats.save(tmp_path / "statistics.npz")
     recipe.write_text("name: bc\nrules:\n  - select: {roles: [q_proj, k_proj, v_proj, attn_out, fc1, fc2]}\n"
                       "    set: {precision: int8, bias_correction: true}\n")
-    args = ["quantize", str(model_path), "--ranges", str(ranges), "--samples", "16", "--max-length", "32"]
+    args = ["quantize", str(model_path), "--statistics", str(tmp_path), "--samples", "16", "--max-length", "32"]
     assert main([*args, "--recipe", str(recipe), "-o", str(tmp_path / "bc")]) == 0
     assert main([*args, "--recipe", "int8-gemm", "-o", str(tmp_path / "plain")]) == 0
-    plan_bc = QuantPlan.from_json((tmp_path / "bc" / "plan.json").read_text())
+    plan_bc = load_plan((tmp_path / "bc" / "plan.json").read_text())
     assert len(plan_bc.bias_correction_nodes) == 12
     corrected, plain = onnx.load(str(tmp_path / "bc" / "model.onnx")), onnx.load(str(tmp_path / "plain" / "model.onnx"))
     targets = find_targets(corrected, plan_bc.bias_correction_nodes)

