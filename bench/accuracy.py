@@ -93,7 +93,8 @@ def build_models(setup: Setup, statistics: Any, flagged: tuple[int, ...], preset
         try:
             recipe = resolve_recipe(name, setup.report)
             lowered, seconds = _timed(
-                lambda r=recipe: quantize(setup.fp32, setup.report, r, statistics, flagged=flagged)
+                lambda r=recipe: quantize(setup.fp32, setup.report, r, statistics, flagged=flagged,
+                                          feeds=_feeds(setup))
             )
             models[name] = (lowered.model.model, seconds, None)
         except Exception as exc:  # a benchmark row records any failure and the run goes on

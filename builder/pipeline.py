@@ -105,12 +105,28 @@ class Quantized:
 
 
 def plan_model(model: onnx.ModelProto, report: GraphReport, recipe: Recipe, statistics: Statistics, *,
-               flagged: Sequence[int] | None = None, seq_len: int = PLAN_SEQ_LEN) -> QuantPlan:
-    """Planning stage; the flagged layers come from the statistics' outlier report when the recipe needs them."""
+               flagged: Sequence[int] | None = None, seq_len: int = PLAN_SEQ_LEN,
+               feeds: Iterable[Feed] | None = None, source: onnx.ModelProto | Path | None = None) -> QuantPlan:
+    """Planning stage; the flagged layers come from the statistics' outlier report when the recipe needs them.
+
+    Observer kinds that calibration does not collect by default (vSPARQ's ``sparq_pairs``) are collected here
+    when an activation quantizer of the plan needs them: a second pass over ``feeds`` (the batches the
+    statistics were collected on) by ``source`` (what calibration ran: its file, or ``model`` when omitted).
+    Without ``feeds`` that is a MissingStatistics error.
+    """
+    from builder.plan.planner import MissingStatistics
+    from builder.weights.hessians import collect_missing
+
     if flagged is None and needs_flagged(recipe):
         flagged = outliers(report, statistics).flagged_layers()
-    return plan(report, recipe, statistics, flagged=flagged, flops=gemm_flops(model, report, seq_len),
-                seq_len=seq_len, model=model)
+    flops = gemm_flops(model, report, seq_len)
+    try:
+        return plan(report, recipe, statistics, flagged=flagged, flops=flops, seq_len=seq_len, model=model)
+    except MissingStatistics as missing:
+        if feeds is None:
+            raise
+        statistics = collect_missing(model if source is None else source, statistics, missing.wanted, feeds)
+    return plan(report, recipe, statistics, flagged=flagged, flops=flops, seq_len=seq_len, model=model)
 
 
 def quantize(model: onnx.ModelProto, report: GraphReport, recipe: Recipe, statistics: Statistics, *,
@@ -122,8 +138,9 @@ def quantize(model: onnx.ModelProto, report: GraphReport, recipe: Recipe, statis
     ``bias_correction`` or whose weight quantizers read data (OPTQ's Hessians when the statistics lack them,
     GPFQ's quantized inputs).
     """
-    quant_plan = plan_model(model, report, recipe, statistics, flagged=flagged, seq_len=seq_len)
-    return quantize_planned(model, quant_plan, statistics, variant=variant, feeds=feeds)
+    batches = None if feeds is None else list(feeds)
+    quant_plan = plan_model(model, report, recipe, statistics, flagged=flagged, seq_len=seq_len, feeds=batches)
+    return quantize_planned(model, quant_plan, statistics, variant=variant, feeds=batches)
 
 
 def calibrate_weight_inputs(model: onnx.ModelProto | Path, quant_plan: QuantPlan, statistics: Statistics,

@@ -60,7 +60,8 @@ def _scaled(abs_values: F32, exponent: int, overwrite: bool) -> npt.NDArray[np.f
 
 def ceil_indices(abs_values: F32, exponent: int, *, overwrite: bool = False,
                  out: npt.NDArray[np.intp] | None = None) -> npt.NDArray[np.intp]:
-    """ceil(|x| / 2**exponent) of every value, flattened: bin index + 1, and 0 for exact zeros.
+    """ceil(|x| / 2**exponent) of every value, flattened: bin index + 1, and 0 for exact zeros (and for subnormals
+    whose scaled value underflows to zero: bin 0 either way).
 
     One fused pass from the scaled floats to integers (``out``, when given, is a reusable buffer of at least
     ``abs_values.size`` elements; ``overwrite`` lets the scaling reuse ``abs_values`` itself). Counting these

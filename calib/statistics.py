@@ -47,7 +47,10 @@ from calib.observers import (
 from calib.schema import Schema, convert, to_json
 
 STATISTICS_VERSION = 1
-DEFAULT_KINDS = ("minmax", "dims", "tokens", "sparq_pairs", "histogram")
+# What `calibrate` collects for every tensor: what the range methods and the built-in recipes read. Other kinds
+# (``sparq_pairs``, ``hessian``) are collected on demand, in a second pass over the same batches, when a plan
+# needs them (builder.pipeline.plan_model, builder.weights.hessians.collect_missing).
+DEFAULT_KINDS = ("minmax", "dims", "tokens", "histogram")
 _DIGEST_MODULUS = 1 << 256
 
 F32 = npt.NDArray[np.float32]

@@ -29,18 +29,21 @@ def minilm_onnx() -> Path:
 
 @pytest.fixture(scope="session")
 def minilm_statistics(minilm_onnx: Path) -> Any:
-    """(GraphReport, Statistics) of MiniLM over 32 VADER calibration sentences, collected once per session."""
+    """(GraphReport, Statistics) of MiniLM over 32 VADER calibration sentences, collected once per session with
+    the on-demand SPARQ pair observer too (so the SPARQ presets plan without a second pass)."""
     import onnx
 
     from builder.intake.minilm import tokenizer_json_path
     from builder.pipeline import analyze_model, calibrate
+    from calib.collect import CollectOptions
     from calib.data import calibration_texts
+    from calib.statistics import DEFAULT_KINDS
     from calib.tokenize import encode
 
     model = onnx.load(str(minilm_onnx))
     report = analyze_model(model, "minilm")
     feeds = encode(calibration_texts("vader", 32), tokenizer_json_path(), max_length=128, batch_size=16)
-    return report, calibrate(model, report, feeds).statistics
+    return report, calibrate(model, report, feeds, CollectOptions(kinds=(*DEFAULT_KINDS, "sparq_pairs"))).statistics
 
 
 @pytest.fixture(scope="session")

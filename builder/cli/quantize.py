@@ -39,9 +39,9 @@ examples:
   build-engine quantize model.onnx --statistics engines/m --plan engines/m-int8/plan.json -o out
   build-engine quantize model.onnx --recipe hero-m2 --fallback role:softmax=bf16 --print-config
   build-engine quantize model.onnx --statistics engines/m --recipe int8-gemm --weights optq -o engines/m-optq
-  build-engine quantize model.onnx --statistics engines/m --recipe int8-gemm --weights optq --weight-bits 4 \
+  build-engine quantize model.onnx --statistics engines/m --recipe int8-gemm --weights optq --weight-bits 4 \\
       --weight-block 128 --weight-only -o engines/m-w4a16
-  build-engine quantize model.onnx --statistics engines/m --recipe int8-gemm --weights gpfq --weight-bits 4 \
+  build-engine quantize model.onnx --statistics engines/m --recipe int8-gemm --weights gpfq --weight-bits 4 \\
       --accumulator-bits 16 --tile 128 -o engines/m-w4a8-axe
 
 exit codes: 0 ok, 2 bad recipe, plan, override or flag, 3 unreadable model or statistics, 4 lowering failed
@@ -112,7 +112,7 @@ def _quantize(args: argparse.Namespace, out: Path | None) -> int:
     from builder.cli.common import weight_flags
     from builder.cli.steps import load_statistics, quantize_summary, write_quantized
     from builder.intake.prepare import prepare_model
-    from builder.pipeline import analyze_model, plan_model, resolve_recipe
+    from builder.pipeline import analyze_model, resolve_recipe
     from builder.plan.artifact import load_plan
     from builder.recipes.loader import recipe_to_yaml
     from builder.weights.preflight import check_recipe
@@ -145,12 +145,33 @@ def _quantize(args: argparse.Namespace, out: Path | None) -> int:
                           "folder)")
     statistics = load_statistics(args.statistics)
     if quant_plan is None:
-        quant_plan = plan_model(model, report, recipe, statistics, flagged=flagged, seq_len=args.seq_len)
+        quant_plan = _plan(args, prepared, report, recipe, statistics, flagged)
     result = _weights_and_lowering(args, prepared, quant_plan, statistics, out)
     write_quantized(out, result, recipe_to_yaml(recipe) if args.plan is None else None)
     print(quantize_summary(result, args.variant))
     print(f"wrote {out / 'model.onnx'}, plan.json, {'recipe.yaml, ' if args.plan is None else ''}precision.json")
     return 0
+
+
+def _plan(args: argparse.Namespace, prepared: Any, report: Any, recipe: Any, statistics: Any,
+          flagged: tuple[int, ...] | None) -> Any:
+    """The plan; observers the recipe needs that calibration does not collect by default (vSPARQ's zero pairs)
+    are collected here from the calibration texts (the calibration-data flags as for ``calibrate``)."""
+    from builder.cli.common import calib_settings
+    from builder.cli.steps import calibration_feeds
+    from builder.pipeline import plan_model
+    from builder.plan.planner import MissingStatistics
+
+    try:
+        return plan_model(prepared.model, report, recipe, statistics, flagged=flagged, seq_len=args.seq_len)
+    except MissingStatistics as missing:
+        print(f"collecting {', '.join(sorted({k for v in missing.wanted.values() for k in v}))} statistics of "
+              f"{len(missing.wanted)} tensors from the calibration data")
+    settings = calib_settings(args)
+    feeds = calibration_feeds(settings, settings.encoder(args.model))
+    source = prepared.model if prepared.folded else prepared.path
+    return plan_model(prepared.model, report, recipe, statistics, flagged=flagged, seq_len=args.seq_len,
+                      feeds=feeds, source=source)
 
 
 def _weights_and_lowering(args: argparse.Namespace, prepared: Any, quant_plan: Any, statistics: Any,

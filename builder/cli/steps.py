@@ -273,9 +273,10 @@ def quantize_step(  # noqa: PLR0913 -- the step's inputs plus the calibration da
                            seconds=time.perf_counter() - started)
     feeds = (calibration_feeds(calibration, calibration.encoder(model_path))
              if calibration is not None and uses_data else None)
-    quant_plan = plan_model(model, report, recipe, statistics, flagged=flagged)
+    # what calibration ran: the file, or the prepared ModelProto when weights were folded
+    source = model_path if sha256_file(model_path) == statistics.meta.model_sha256 else model
+    quant_plan = plan_model(model, report, recipe, statistics, flagged=flagged, feeds=feeds, source=source)
     if feeds is not None and calibration is not None:  # OPTQ's Hessians: one resumable pass (folder/hessians.npz)
-        source = model_path if sha256_file(model_path) == statistics.meta.model_sha256 else model
         statistics = weight_statistics(source, quant_plan, statistics, feeds, folder, data_source=calibration.source)
     result = quantize_planned(model, quant_plan, statistics, variant=variant, feeds=feeds)
     write_quantized(folder, result, recipe_yaml)

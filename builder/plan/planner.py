@@ -110,9 +110,28 @@ def _describe(config: Schema) -> str:
     return f"{name}({', '.join(f'{k}={v}' for k, v in options.items())})"
 
 
+class MissingStatistics(CalibrationError):
+    """The plan's activation quantizers need observer kinds the Statistics lack (``wanted``: tensor -> kinds).
+
+    Not a user error: builder.pipeline.plan_model collects them from the calibration batches when it has them.
+    """
+
+    def __init__(self, wanted: Mapping[str, tuple[str, ...]], who: Sequence[str] = ()) -> None:
+        self.wanted = dict(wanted)
+        kinds = sorted({k for v in self.wanted.values() for k in v})
+        super().__init__(f"the recipe needs {'/'.join(kinds)} statistics of {len(self.wanted)} tensors that the "
+                         f"calibration did not collect ({'; '.join(who[:4])}{' ...' if len(who) > 4 else ''}); give "
+                         "quantize the calibration-data flags the statistics were collected with (--calib-data, "
+                         "--samples, --seed, --batch-size, --max-length) and it collects them in a second pass over "
+                         "the same data")
+
+
 def _check_observers(merged: Mapping[str, tuple[Any, Placement, Schema]], statistics: Statistics) -> None:
-    """One CalibrationError naming every tensor whose statistics lack what its quantizer needs."""
-    missing = []
+    """A CalibrationError naming every tensor the recipe quantizes that was not calibrated; else MissingStatistics
+    when calibrated tensors lack observer kinds their quantizer needs (collected on demand by a second pass)."""
+    missing: list[str] = []
+    who: list[str] = []
+    wanted: dict[str, tuple[str, ...]] = {}
     for tensor, (_, _, config) in merged.items():
         quantizer = quantizer_of(config)
         if _static_fixed(config):
@@ -121,13 +140,16 @@ def _check_observers(merged: Mapping[str, tuple[Any, Placement, Schema]], statis
             missing.append(f"{tensor} (not calibrated)")
             continue
         have = statistics.tensors[tensor].observers
-        lacking = [k for k in quantizer.observers if k not in have]
+        lacking = tuple(k for k in quantizer.observers if k not in have)
         if lacking:
-            missing.append(f"{tensor} ({quantizer.name} needs {', '.join(lacking)}; has {', '.join(have)})")
+            wanted[tensor] = lacking
+            who.append(f"{tensor}: {quantizer.name} needs {', '.join(lacking)}")
     if missing:
         raise CalibrationError(f"the calibration statistics lack {len(missing)} tensor(s) the recipe quantizes: "
                                + "; ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
                                + ". Calibrate this model again (build-engine calibrate MODEL -o FOLDER)")
+    if wanted:
+        raise MissingStatistics(wanted, who)
 
 
 def _static_fixed(config: Schema) -> bool:

@@ -62,12 +62,19 @@ def missing(plan: QuantPlan, statistics: Statistics | None) -> dict[str, tuple[s
 
 
 def recipe_needs_data(recipe: Recipe) -> bool:
-    """Whether quantizing with ``recipe`` may read the calibration feeds in the weight stage: bias correction, a
-    weight quantizer with observers of its own (a second pass when the Statistics lack them) or one that reads
-    the quantized model's inputs (GPFQ)."""
+    """Whether quantizing with ``recipe`` may read the calibration feeds: bias correction, an activation quantizer
+    whose observers calibration does not collect by default, a weight quantizer with observers of its own (a
+    second pass when the Statistics lack them) or one that reads the quantized model's inputs (GPFQ)."""
+    from builder.quant.registry import activation_quantizer
+    from calib.statistics import DEFAULT_KINDS
+
     settings = (recipe.defaults, *(rule.set for rule in recipe.rules))
     if any(s.bias_correction for s in settings):
         return True
+    for s in settings:  # an activation quantizer with observers calibration does not collect by default (SPARQ)
+        if s.activation is not None and not set(
+                activation_quantizer(quantizer_of(s.activation).name).observers) <= set(DEFAULT_KINDS):
+            return True
     for s in settings:
         if s.weight is not None:
             quantizer = quantizer_of(s.weight)

@@ -24,7 +24,7 @@ from builder.quant.sparq import SparqParams, SparqQuantConfig
 from builder.recipes.loader import load_preset
 from builder.recipes.model import Precision, Recipe, Rule, Selector, Settings
 from calib import methods
-from calib.errors import CalibrationError, ConfigError, InternalError
+from calib.errors import ConfigError, InternalError
 from calib.quant import quantize as int8_quantize
 from calib.quant import scale_from_amax
 from calib.sparq import Rounding, SparqConfig, sparq_int8, zero_pair_counts
@@ -51,11 +51,14 @@ def _calibration_feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
 def toy() -> Toy:
     """A BERT block whose FC2 reduces over an odd K (63): vSPARQ's odd tail pairs with an implicit zero."""
     from builder.pipeline import calibrate
+    from calib.collect import CollectOptions
+    from calib.statistics import DEFAULT_KINDS
 
     model = bert_block_model(layers=1, hidden=30, heads=2, ffn=63)
     report = analyze(model, name="toy_bert")
     feeds = _calibration_feeds(model)
-    return model, report, calibrate(model, report, feeds).statistics, feeds
+    every_kind = CollectOptions(kinds=(*DEFAULT_KINDS, "sparq_pairs"))  # one pass with the pair observer
+    return model, report, calibrate(model, report, feeds, every_kind).statistics, feeds
 
 
 def _recipe(activation: Any, roles: tuple[Role, ...] = WEIGHT_ROLES) -> Recipe:
@@ -118,14 +121,20 @@ def test_sparq_takes_only_weight_gemm_inputs(toy: Toy) -> None:
         plan(report, _recipe(SparqQuantConfig(), (Role.ATTN_QK,)), stats)
 
 
-def test_statistics_without_pair_counts_ask_for_calibration(toy: Toy) -> None:
-    from builder.pipeline import calibrate
-    from calib.collect import CollectOptions
+def test_pair_counts_are_collected_on_demand_and_equal_one_pass(toy: Toy) -> None:
+    """Calibration does not collect sparq_pairs by default: planning without data names what is missing; with
+    the calibration batches the second pass gives the plan of a single pass that collected every kind."""
+    from builder.pipeline import calibrate, plan_model
+    from builder.plan.planner import MissingStatistics
 
-    model, report, _, feeds = toy
-    old = calibrate(model, report, feeds, CollectOptions(kinds=("minmax", "dims", "tokens", "histogram")))
-    with pytest.raises(CalibrationError, match=r"sparq needs sparq_pairs.*Calibrate this model again"):
-        plan(report, _recipe(SparqQuantConfig()), old.statistics)
+    model, report, one_pass, feeds = toy
+    default = calibrate(model, report, feeds).statistics
+    recipe = _recipe(SparqQuantConfig(vsparq=True))
+    with pytest.raises(MissingStatistics, match=r"sparq_pairs statistics of \d+ tensors") as missing:
+        plan(report, recipe, default)
+    assert set(missing.value.wanted) == {e.tensor for e in plan(report, recipe, one_pass).activations}
+    on_demand = plan_model(model, report, recipe, default, feeds=feeds)
+    assert on_demand.activations == plan_model(model, report, recipe, one_pass).activations
 
 
 # -- planning --------------------------------------------------------------------------------------------------
