@@ -12,7 +12,9 @@ timed and its peak RSS printed first (before any evaluation grows the process).
 
 The calibration size (64 passages of 256 tokens) and the migration strength alpha of the smooth presets were
 chosen on held-out calibration-side passages (``--select-alpha``: passages of the calibration slice not used for
-calibrating), never on the evaluation slice. Prints one table, writes engines/bench/decoder.json and .md.
+calibrating), never on the evaluation slice. When SPARQ presets are requested (sparq-*, smooth-sparq-*), plain
+per-tensor 4-bit rows of the same GEMM inputs are added (:func:`sparq_baselines`), their range chosen the same way.
+Prints one table, writes engines/bench/decoder.json and .md.
 """
 
 from __future__ import annotations
@@ -92,15 +94,17 @@ def calibrate(setup: Setup, feeds: list[dict[str, Any]]) -> Any:
                    CollectOptions(data_source=f"{SOURCE}:{len(setup.texts)}x{MAX_LENGTH}")).statistics
 
 
-def build_presets(setup: Setup, statistics: Any, presets: list[str]) -> dict[str, tuple[Any, float, str]]:
-    """name -> (lowered ModelProto or None, seconds, error)."""
+def build_presets(setup: Setup, statistics: Any, presets: list[str], feeds: list[dict[str, Any]] | None = None
+                  ) -> dict[str, tuple[Any, float, str]]:
+    """name -> (lowered ModelProto or None, seconds, error); ``feeds`` (the calibration batches) for statistics a
+    preset needs that calibration did not collect (vSPARQ's zero pairs)."""
     from builder.pipeline import quantize, resolve_recipe
 
     out: dict[str, tuple[Any, float, str]] = {}
     for name in presets:
         started = time.perf_counter()
         try:
-            result = quantize(setup.fp32, setup.report, resolve_recipe(name, setup.report), statistics)
+            result = quantize(setup.fp32, setup.report, resolve_recipe(name, setup.report), statistics, feeds=feeds)
         except Exception as exc:  # a failing preset is a row of the table, not the end of the benchmark
             out[name] = (None, time.perf_counter() - started, f"{type(exc).__name__}: {exc}")
             continue
@@ -204,7 +208,7 @@ def _timed_build(setup: Setup, first: str) -> tuple[Any, tuple[Any, float, str],
     feeds = calibration_feeds(setup)
     statistics = calibrate(setup, feeds)
     calib_s = time.perf_counter() - started
-    built = build_presets(setup, statistics, [first])[first]
+    built = build_presets(setup, statistics, [first], feeds)[first]
     total_s = time.perf_counter() - started
     peak = _peak_rss_mib()
     print(f"calibration ({len(setup.texts)} passages x {MAX_LENGTH} tokens, batch {BATCH}) {calib_s:.1f} s + lowering "
@@ -232,14 +236,14 @@ def _with_alpha(recipe: Any, alpha: float) -> Any:
                    rules=tuple(replace(r, set=fix(r.set)) for r in recipe.rules))
 
 
-def select_alpha(setup: Setup, preset: str, alphas: list[float]) -> list[dict[str, Any]]:
-    """Perplexity of ``preset`` at each alpha on held-out calibration-side passages (not the evaluation slice)."""
+def heldout_perplexity(setup: Setup) -> Any:
+    """model -> perplexity on held-out calibration-side passages (calibration-slice passages not used for
+    calibrating: 6 windows x 256 tokens; never the evaluation slice)."""
     import numpy as np
 
     from builder.evaluate.fidelity import log_softmax
     from builder.evaluate.language import lm_windows
     from builder.evaluate.runner import OrtRunner
-    from builder.pipeline import quantize, resolve_recipe
     from calib.data import CorpusSplit, calibration_texts
 
     held = calibration_texts(SOURCE, CALIB_SAMPLES + 64)[CALIB_SAMPLES:]  # same shuffle: disjoint from setup.texts
@@ -255,16 +259,140 @@ def select_alpha(setup: Setup, preset: str, alphas: list[float]) -> list[dict[st
             count += ids.size - 1
         return math.exp(nll / count)
 
+    return perplexity
+
+
+def select_alpha(setup: Setup, preset: str, alphas: list[float]) -> list[dict[str, Any]]:
+    """Perplexity of ``preset`` at each alpha on held-out calibration-side passages (not the evaluation slice)."""
+    from builder.pipeline import quantize, resolve_recipe
+
+    perplexity = heldout_perplexity(setup)
     statistics = calibrate(setup, calibration_feeds(setup))
     results = [{"model": "fp32", "perplexity": perplexity(setup.fp32)}]
-    print(f"held-out calibration-side text: {windows.ids.shape[0]} windows x {windows.ids.shape[1]} tokens; "
-          f"fp32 {results[0]['perplexity']:.3f}", flush=True)
+    print(f"held-out calibration-side text: fp32 {results[0]['perplexity']:.3f}", flush=True)
     base = resolve_recipe(preset, setup.report)
     for alpha in alphas:
         lowered = quantize(setup.fp32, setup.report, _with_alpha(base, alpha), statistics).model.model
         results.append({"model": preset, "alpha": alpha, "perplexity": perplexity(lowered)})
         print(f"{preset} alpha {alpha}: {results[-1]['perplexity']:.3f}", flush=True)
     return results
+
+
+A4_PERCENTILES = (99.99, 99.9, 99.0)  # plain A4 range candidates besides max (chosen on held-out calibration text)
+A4_CLIPS = (1.0, 0.7, 0.5, 0.35)  # clip of every smoothed input for the smoothed A4 baseline (same selection)
+
+
+def sparq_kinds(presets: list[str]) -> tuple[bool, bool]:
+    """Whether plain (``sparq-*``) and smoothed (``smooth-sparq-*``) SPARQ presets are requested."""
+    return any(p.startswith("sparq-") for p in presets), any(p.startswith("smooth-sparq-") for p in presets)
+
+
+def add_sparq_pairs(setup: Setup, statistics: Any, feeds: list[dict[str, Any]], presets: list[str]) -> Any:
+    """``statistics`` with the vSPARQ pair counts every SPARQ preset's plan needs, in one pass over ``feeds``
+    (the calibration batches), instead of one pass per preset."""
+    from builder.pipeline import plan_model, resolve_recipe
+    from builder.plan.planner import MissingStatistics
+    from builder.weights.hessians import collect_missing
+
+    wanted: dict[str, tuple[str, ...]] = {}
+    for name in presets:
+        if "sparq" not in name:
+            continue
+        try:
+            plan_model(setup.fp32, setup.report, resolve_recipe(name, setup.report), statistics)
+        except MissingStatistics as missing:
+            for tensor, kinds in missing.wanted.items():
+                wanted[tensor] = tuple(sorted({*wanted.get(tensor, ()), *kinds}))
+        except Exception:  # the preset's own row reports its error
+            continue
+    return collect_missing(setup.fp32, statistics, wanted, feeds)
+
+
+def a4_candidates(smoothed: bool, plain_range: Any = None) -> list[tuple[str, Any]]:
+    """(row name, recipe) of the plain 4-bit baselines SPARQ is measured against: ``sparq-b4`` (or
+    ``smooth-sparq-b4``) with every SPARQ input as per-tensor symmetric 4-bit codes in [-7, 7]
+    (builder.quant.lowbit; on smoothed inputs the smooth quantizer's ``bits: 4`` at clip c)."""
+    from dataclasses import replace
+
+    from msgspec.structs import replace as struct_replace
+
+    from builder.quant.lowbit import lowbit_counterpart
+    from builder.quant.smooth import SmoothConfig
+    from builder.recipes.loader import load_preset
+
+    ranges = _a4_ranges()
+    if not smoothed:
+        return [(f"a4-{label}", lowbit_counterpart(load_preset("sparq-b4"), config, f"a4-{label}"))
+                for label, config in ranges]
+    label, config = plain_range or ranges[0]
+    out = []
+    for clip in A4_CLIPS:
+        name = f"smooth-a4-c{clip:g}-{label}"
+        recipe = lowbit_counterpart(load_preset("smooth-sparq-b4"), config, name)
+        rules = tuple(replace(r, set=replace(r.set, activation=struct_replace(r.set.activation, sparq=None, bits=4,
+                                                                             clip=clip)))
+                      if isinstance(r.set.activation, SmoothConfig) else r for r in recipe.rules)
+        out.append((name, replace(recipe, rules=rules)))
+    return out
+
+
+def sparq_baselines(setup: Setup, statistics: Any, presets: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The plain 4-bit rows SPARQ is measured against, each with the range that gives the lowest perplexity on
+    held-out calibration-side passages (:func:`heldout_perplexity`; never the evaluation slice):
+    name -> (model or None, seconds, error), and the selection lines."""
+    from builder.pipeline import quantize
+
+    plain, smoothed = sparq_kinds(presets)
+    if not (plain or smoothed):
+        return {}, []
+    perplexity, built, lines = heldout_perplexity(setup), {}, []
+
+    def best(candidates: list[tuple[str, Any]]) -> tuple[str, Any]:
+        scores: list[tuple[float, str, Any, float]] = []
+        for name, recipe in candidates:
+            started = time.perf_counter()
+            try:
+                model = quantize(setup.fp32, setup.report, recipe, statistics).model.model
+            except Exception as exc:  # a failing candidate is reported and skipped
+                lines.append(f"{name}: failed: {type(exc).__name__}: {exc}")
+                continue
+            scores.append((perplexity(model), name, model, time.perf_counter() - started))
+        lines.append("A4 range on held-out calibration-side text (perplexity): "
+                     + ", ".join(f"{n} {p:.3f}" for p, n, _, _ in scores))
+        ppl, name, model, seconds = min(scores, key=lambda t: t[0])
+        built[name] = (model, seconds, "")
+        return name, ppl
+
+    chosen = best(a4_candidates(False))[0]
+    if smoothed:
+        label = chosen.removeprefix("a4-")
+        best(a4_candidates(True, next(c for c in _a4_ranges() if c[0] == label)))
+    if not plain:
+        built = {k: v for k, v in built.items() if k.startswith("smooth-")}
+    print("\n".join(lines), flush=True)
+    return built, lines
+
+
+def _a4_ranges() -> list[tuple[str, Any]]:
+    from builder.quant.lowbit import LowBitConfig
+
+    return [("max", LowBitConfig(bits=4, range="max"))] + [
+        (f"p{p:g}", LowBitConfig(bits=4, range="percentile", percentile=p)) for p in A4_PERCENTILES]
+
+
+def sparq_verdict(reports: dict[str, Any], presets: list[str]) -> list[str]:
+    """Each SPARQ preset against its plain 4-bit baseline row (``sparq-*``: ``a4-*``; ``smooth-sparq-*``:
+    ``smooth-a4-*``), in perplexity."""
+    lines = []
+    for name in presets:
+        prefix = "smooth-a4-" if name.startswith("smooth-sparq-") else "a4-" if name.startswith("sparq-") else ""
+        base = next((b for b in reports if prefix and b.startswith(prefix)), None)
+        if name not in reports or base is None:
+            continue
+        ppl, ref = reports[name].language.perplexity, reports[base].language.perplexity
+        lines.append(f"{name} vs plain 4-bit {base}: perplexity {ppl:.3f} vs {ref:.3f}: "
+                     + ("better" if ppl < ref else "NOT better"))
+    return lines
 
 
 def _evaluate(setup: Setup, name: str, built: tuple[Any, float, str], ctx: dict[str, Any]) -> dict[str, Any]:
@@ -325,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         select_alpha(setup, args.presets[0], args.select_alpha or [0.5, 0.65, 0.8, 0.9, 0.95])
         return 0
     statistics, first, built = _timed_build(setup, args.presets[0])
+    if any(sparq_kinds(args.presets)):
+        statistics = add_sparq_pairs(setup, statistics, built["feeds"], list(args.presets))
     data = load_eval_data(train_limit=16, test_limit=16, layer_sentences=4, text_source=SOURCE,
                           window=args.window, windows=args.windows)
     reference = prepare_reference(setup.fp32, data, encoder=setup.encoder)
@@ -346,11 +476,15 @@ def main(argv: list[str] | None = None) -> int:
     del first
     for name in args.presets[1:]:
         rows.append(_evaluate(setup, name, build_presets(setup, statistics, [name])[name], ctx))
+    baselines, selection = sparq_baselines(setup, statistics, list(args.presets))
+    for name, made in baselines.items():
+        rows.append(_evaluate(setup, name, made, ctx))
     if not args.no_peers:
         for name, make in _peers(setup, built["feeds"]):
             rows.append(_evaluate(setup, name, make(), ctx))
     reports = {r["name"]: r["report"] for r in rows if "report" in r}
-    lines = verdict(reports, list(args.presets)) + _generations(rows, (args.presets[0], "int8-all-linear"))
+    lines = (verdict(reports, list(args.presets)) + sparq_verdict(reports, list(args.presets)) + selection
+             + _generations(rows, (args.presets[0], "int8-all-linear")))
     table = [r["row"] for r in rows if "row" in r]
     from builder.evaluate.render import format_table
 

@@ -22,6 +22,13 @@ head), but that also scales the ``present.*.value`` KV-cache outputs, so recipes
 The per-tensor range of X / s is its maximum, exact from the per-channel maxima: amax = clip * max_j c_j / s_j.
 Histogram range methods (percentile, entropy, MSE) would need the distribution of X / s, which calibration
 does not observe (it observes X); ``clip`` < 1 clips the largest smoothed channel instead.
+
+Narrower codes of X / s (for decoders, whose unsmoothed inputs do not survive per-tensor quantization):
+``sparq`` trims the INT8 codes with SPARQ (Shomron et al. 2021, arXiv 2105.11010, section 3; calib/sparq.py)
+between Q and DQ, lowered by builder.quant.sparq.insert_sparq_qdq; ``bits`` < 8 keeps symmetric b-bit codes in
+[-L, L], L = 2**(b-1) - 1, scale amax / L, behind a Clip to [-amax, amax] (the plain low-bit baseline of
+builder.quant.lowbit on the smoothed input). The vSPARQ zero-pair count of the plan is not reported for a
+smoothed input: calibration observes X, not X / s.
 """
 
 from __future__ import annotations
@@ -33,9 +40,11 @@ import numpy as np
 
 from builder.quant.base import ActivationQuantizer, EdgeContext, Placement
 from builder.quant.fold import fold_divide, restore, scale_rows
+from builder.quant.lowbit import MAX_BITS, MIN_BITS, levels_of
 from calib.errors import CalibrationError, ConfigError
 from calib.quant import fake_quantize, scale_from_amax
 from calib.schema import Schema
+from calib.sparq import SparqConfig, sparq_fake_quant
 
 if TYPE_CHECKING:
     from builder.lower.context import LoweringContext
@@ -50,11 +59,14 @@ FLOOR = 1e-5  # lower bound of max|X_j| and max|W_j| (a dead channel must not gi
 
 class SmoothConfig(Schema, frozen=True, kw_only=True):
     """``alpha``: migration strength in [0, 1]; ``range``: how the per-tensor range of X / s is chosen (``max``:
-    the largest smoothed channel); ``clip``: a factor in (0, 1] on that range."""
+    the largest smoothed channel); ``clip``: a factor in (0, 1] on that range; ``sparq``: SPARQ on the INT8 codes
+    of X / s; ``bits``: 2..8, plain b-bit codes of X / s (not with ``sparq``)."""
 
     alpha: float = 0.5
     range: Literal["max"] = "max"
     clip: float = 1.0
+    sparq: SparqConfig | None = None
+    bits: int = MAX_BITS
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -62,15 +74,31 @@ class SmoothConfig(Schema, frozen=True, kw_only=True):
                               "most models, 0.75-0.85 for strong activation outliers)")
         if not 0.0 < self.clip <= 1.0:
             raise ConfigError(f"clip {self.clip} is outside (0, 1]")
+        check_bits(self.bits, self.sparq)
+
+
+def check_bits(bits: int, sparq: SparqConfig | None) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ConfigError(f"quantizer smooth: bits {bits!r} is not allowed; use an integer in {MIN_BITS}..{MAX_BITS}")
+    if sparq is not None and bits != MAX_BITS:
+        raise ConfigError(f"quantizer smooth: sparq trims INT8 codes, so bits must stay {MAX_BITS}, not {bits}")
 
 
 class SmoothParams(Schema, frozen=True, kw_only=True):
     feature_scale: tuple[float, ...]  # s, one per input channel (float32 values)
     amax: float  # per-tensor range of X / s
+    sparq: SparqConfig | None = None  # SPARQ on the INT8 codes of X / s
+    bits: int = MAX_BITS  # codes in [-L, L], L = 2**(bits-1) - 1, scale amax / L
 
     def __post_init__(self) -> None:
         if not self.feature_scale or not self.amax > 0.0:
             raise ConfigError("smoothing parameters need feature scales and a positive amax")
+        check_bits(self.bits, self.sparq)
+
+    @property
+    def scale(self) -> np.float32:
+        """The per-tensor scale of the codes of X / s."""
+        return np.float32(float(self.amax) / levels_of(self.bits))
 
 
 def smoothing_scales(channel_amax: np.ndarray, weight_amax: np.ndarray, alpha: float) -> np.ndarray:
@@ -122,11 +150,16 @@ class SmoothQuantizer(ActivationQuantizer[SmoothConfig, SmoothParams]):
         amax = config.clip * float(np.max(np.asarray(channel, dtype=np.float64) / s.astype(np.float64)))
         if not amax > 0.0:
             raise CalibrationError(f"tensor {edge.tensor!r} was zero on every calibration token")
-        return SmoothParams(feature_scale=tuple(float(v) for v in s), amax=amax)
+        return SmoothParams(feature_scale=tuple(float(v) for v in s), amax=amax, sparq=config.sparq,
+                            bits=config.bits)
 
     def describe(self, config: SmoothConfig, params: SmoothParams) -> str:
+        from builder.quant.sparq import sparq_label
+
         clip = "" if config.clip == 1.0 else f",clip={config.clip}"
-        return f"smooth:alpha={config.alpha},{config.range}{clip}"
+        narrow = (f"+{sparq_label(params.sparq)}" if params.sparq is not None
+                  else "" if params.bits == MAX_BITS else f"@{params.bits}b")
+        return f"smooth:alpha={config.alpha},{config.range}{clip}{narrow}"
 
     def weight_views(self, params: SmoothParams, weight: F32, axis: int) -> dict[str, F32]:
         return {VIEW: scale_rows(weight, axis, np.asarray(params.feature_scale, dtype=np.float32))}
@@ -142,11 +175,42 @@ class SmoothQuantizer(ActivationQuantizer[SmoothConfig, SmoothParams]):
             logger.info("tensor %s: 1/s cannot be folded into its producer; an explicit Mul divides it", edge.tensor)
         for name in edge.consumers:
             ed.replace_input(ed.node(name), edge.tensor, folded.source)
-        ctx.insert_qdq(folded.source, params.amax, edge.consumers)
+        _insert_codes(ctx, edge, folded.source, params)
         if folded.detached and (others or was_output):
             restore(ed, folded.source, scale, edge.tensor, VIEW)  # the other readers get X back: (X / s) * s
 
     def reference(self, x: F32, params: SmoothParams) -> F32:
         """What the folded GEMM effectively reads: DQ(Q(x / s)) * s (s moved into the weight rows)."""
         s = np.asarray(params.feature_scale, dtype=np.float32)
-        return (fake_quantize(x / s, scale_from_amax(params.amax)) * s).astype(np.float32)
+        xs = np.asarray(x, dtype=np.float32) / s
+        if params.sparq is not None:
+            return (sparq_fake_quant(xs, float(scale_from_amax(params.amax)), params.sparq) * s).astype(np.float32)
+        if params.bits != MAX_BITS:
+            bound = np.float32(params.amax)
+            return (fake_quantize(np.clip(xs, -bound, bound), params.scale) * s).astype(np.float32)
+        return (fake_quantize(xs, scale_from_amax(params.amax)) * s).astype(np.float32)
+
+
+def _insert_codes(ctx: LoweringContext, edge: ActivationEdge, source: str, params: SmoothParams) -> None:
+    """Q -> DQ on the smoothed ``source`` for the edge's consumers: INT8, SPARQ-trimmed INT8, or b-bit codes."""
+    from builder.quant.sparq import SparqParams, insert_sparq_qdq, reduction_size
+
+    if params.sparq is not None:
+        sparq = SparqParams(amax=params.amax, sparq=params.sparq, pairs=0, zero_pairs_low=0, zero_pairs_high=0)
+        insert_sparq_qdq(ctx, source, sparq, edge.consumers, reduction_size(ctx, edge))
+        return
+    if params.bits == MAX_BITS:
+        ctx.insert_qdq(source, params.amax, edge.consumers)
+        return
+    ed, bound = ctx.ed, np.float32(params.amax)
+    low = ed.add_initializer(f"{source}_clip_min", np.array(-bound, dtype=np.float32))
+    high = ed.add_initializer(f"{source}_clip_max", np.array(bound, dtype=np.float32))
+    clipped = ed.unique(f"{source}_clipped")
+    ed.add_node("Clip", [source, low, high], [clipped], name=f"{source}_Clip")
+    scale = ed.add_initializer(f"{source}_scale", np.array(params.scale, dtype=np.float32))
+    zero = ed.add_initializer(f"{source}_zero_point", np.array(0, dtype=np.int8))
+    quantized, dequantized = ed.unique(f"{source}_quantized"), ed.unique(f"{source}_dequantized")
+    ed.add_node("QuantizeLinear", [clipped, scale, zero], [quantized], name=f"{source}_QuantizeLinear")
+    ed.add_node("DequantizeLinear", [quantized, scale, zero], [dequantized], name=f"{source}_DequantizeLinear")
+    for name in edge.consumers:
+        ed.replace_input(ed.node(name), source, dequantized)

@@ -25,7 +25,8 @@ from calib.errors import ConfigError
 from tests.toygraphs import bert_block_model
 
 EXPECTED_PRESETS = {"fp16", "int8-gemm", "hero-m1", "hero-m2", "hero-m3", "bondarenko-mp", "bondarenko-peg",
-                    "smooth-w8a8", "smooth-mp", "int8-all-linear", "sparq-b4", "sparq-v4"}
+                    "smooth-w8a8", "smooth-mp", "int8-all-linear", "sparq-b4", "sparq-v4", "smooth-sparq-b4",
+                    "smooth-sparq-v4"}
 
 
 @pytest.fixture(scope="module")
