@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 def add_calib_data_arguments(group: argparse._ArgumentGroup) -> None:
     """Where calibration text comes from and how it is batched (read by :func:`calib_settings`)."""
     group.add_argument("--calib-data", "--data", dest="calib_data", default="vader",
-                       help="vader, lee, or a .txt/.jsonl file (default: vader)")
+                       help="vader or lee (sentences), shakespeare (passages, for decoders), or a .txt/.jsonl "
+                            "file (default: vader)")
     group.add_argument("--samples", type=int, default=512, help="calibration texts (default: 512)")
     group.add_argument("--seed", type=int, default=0, help="data split and shuffle seed (default: 0)")
     group.add_argument("--batch-size", type=int, default=16, help="texts per batch (default: 16)")

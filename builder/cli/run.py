@@ -17,10 +17,10 @@ if TYPE_CHECKING:
 HELP = """\
 Run the whole pipeline on an ONNX model: analyze, calibrate, quantize, build, evaluate.
 
-The model is calibrated on real text (--calib-data: vader, lee or a .txt/.jsonl file), lowered with a recipe
-(--recipe: a preset or a YAML file, plus --fallback rules) into a Q/DQ ONNX graph, built into an engine with
-the best available backend (--backend auto: full TensorRT if installed, else TensorRT-RTX ahead of time on
-the CPU) and evaluated against the FP32 model on ONNX Runtime. All artifacts land in the output folder
+The model is calibrated on real text (--calib-data: vader, lee, shakespeare or a .txt/.jsonl file), lowered
+with a recipe (--recipe: a preset or a YAML file, plus --fallback rules) into a Q/DQ ONNX graph, built into an
+engine with the best available backend (--backend auto: full TensorRT if installed, else TensorRT-RTX ahead of
+time on the CPU) and evaluated against the FP32 model on ONNX Runtime. All artifacts land in the output folder
 (model.onnx, statistics.npz, ranges.json, calibration.cache, recipe.yaml, plan.json, <backend>.plan,
 manifest.json, report.json); a re-run reuses every step whose inputs are unchanged.
 """
@@ -31,6 +31,8 @@ examples:
   build-engine model.onnx --recipe int8-gemm --fallback layer.5.fc2=fp16 --arch sm86 -o engines/minilm-int8
   build-engine model.onnx --recipe bondarenko-mp --no-build -o engines/minilm-mp
   build-engine model.onnx --recipe hero-m3 --print-config
+  build-engine smollm2.onnx --recipe smooth-w8a8 --calib-data shakespeare --samples 64 --max-length 256 \\
+      --batch-size 4 --batch 1,1,4 --seq 1,64,512 --past 0,128,1024 -o engines/smollm2-w8a8
 
 exit codes: 0 ok, 2 bad flag, recipe or input, 3 graph or calibration, 4 build, 5 missing backend
 """
