@@ -30,6 +30,7 @@ import numpy.typing as npt
 import onnx
 from onnx import numpy_helper
 
+from builder.graph.subgraph import truncated
 from builder.lower.graph_edit import GraphEditor
 from calib.errors import BuildError, CalibrationError
 
@@ -107,33 +108,10 @@ def _counts(items: Iterable[str]) -> dict[str, int]:
     return out
 
 
-def _truncated(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
-    """A copy of ``model`` that computes only ``tensors`` (the nodes they depend on; those tensors as outputs)."""
-    graph = model.graph
-    producers = {o: i for i, n in enumerate(graph.node) for o in n.output}
-    keep: set[int] = set()
-    stack = [producers[t] for t in tensors if t in producers]
-    while stack:
-        index = stack.pop()
-        if index in keep:
-            continue
-        keep.add(index)
-        stack.extend(producers[t] for t in graph.node[index].input if t in producers)
-    needed = {t for i in keep for t in graph.node[i].input}
-    inputs = [v for v in graph.input if v.name in needed]
-    work = onnx.helper.make_graph(
-        [graph.node[i] for i in sorted(keep)], graph.name, inputs,
-        [onnx.helper.make_empty_tensor_value_info(t) for t in tensors],
-        initializer=[t for t in graph.initializer if t.name in needed])
-    out = onnx.helper.make_model(work, opset_imports=list(model.opset_import), functions=list(model.functions))
-    out.ir_version = model.ir_version
-    return out
-
-
 def _session(model: onnx.ModelProto, tensors: Sequence[str], threads: int) -> Any:
     import onnxruntime as ort
 
-    work = _truncated(model, tensors)
+    work = truncated(model, tensors)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

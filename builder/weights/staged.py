@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
+from builder.graph.subgraph import truncated
 from builder.plan.artifact import QuantPlan, WeightEdge
 from builder.quant.base import QuantizedWeight, WeightContext
 from builder.quant.gpfq import PAIRS_KIND
@@ -80,22 +81,7 @@ def _truncated_session(model: onnx.ModelProto, tensors: Sequence[str]) -> Any:
     """An ONNX Runtime session of the part of ``model`` that computes ``tensors`` (its outputs)."""
     import onnxruntime as ort
 
-    graph = model.graph
-    producers = {o: i for i, n in enumerate(graph.node) for o in n.output}
-    keep: set[int] = set()
-    stack = [producers[t] for t in tensors if t in producers]
-    while stack:
-        index = stack.pop()
-        if index not in keep:
-            keep.add(index)
-            stack.extend(producers[t] for t in graph.node[index].input if t in producers)
-    needed = {t for i in keep for t in graph.node[i].input}
-    work = onnx.helper.make_graph([graph.node[i] for i in sorted(keep)], graph.name,
-                                  [v for v in graph.input if v.name in needed],
-                                  [onnx.helper.make_empty_tensor_value_info(t) for t in tensors],
-                                  initializer=[t for t in graph.initializer if t.name in needed])
-    out = onnx.helper.make_model(work, opset_imports=list(model.opset_import), functions=list(model.functions))
-    out.ir_version = model.ir_version
+    out = truncated(model, tensors)
     options = ort.SessionOptions()
     options.intra_op_num_threads = THREADS
     options.log_severity_level = 3
