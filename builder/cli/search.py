@@ -27,10 +27,12 @@ The budget names a metric the model's evaluation computes:
   causal language models  perplexity<=+2% (or +0.5, or an absolute value)   top1>=0.98
 It is measured on held-out calibration-side data, never the test split: VADER probe-train sentences that are
 not calibration sentences (encoders), or calibration-side corpus passages calibration did not use (decoders).
-Calibration runs once (statistics.npz in the output folder, reused and resumable); every candidate is planned
-from it. Candidates run as a chain of blocks cut at the residual stream, and only the blocks after the longest
-prefix already computed run again. Every measured candidate is appended to journal.jsonl: a re-run with the
-same inputs continues from it (--fresh starts over; a new budget reuses the measurements).
+Calibration runs once (statistics.npz in the output folder, reused and resumable; hessians.npz too when the
+base recipe's weights are OPTQ's); every candidate is planned from it, and quantizes only the weights whose
+GEMM or input quantization no earlier candidate had. Candidates run as a chain of blocks cut at the residual
+stream, and only the blocks after the longest prefix already computed run again. Every measured candidate is
+appended to journal.jsonl: a re-run with the same inputs continues from it (--fresh starts over; a new budget
+reuses the measurements).
 
 Writes into the output folder: recipe.yaml (the base recipe plus fallback rules; `quantize --recipe` reads it),
 model.onnx, plan.json, precision.json (the answer, lowered), candidates.json and candidates.md (every candidate:
@@ -39,12 +41,24 @@ answer, sensitivities, timings, machine load) and test-report.json (the answer o
 """
 
 EPILOG = """\
+budgets (METRIC>=VALUE when higher is better, METRIC<=VALUE when lower is better):
+  'cosine>=0.999'       mean cosine of the sentence embeddings to FP32 on the held-out slice at least 0.999
+  'cosine-min>=0.99'    no held-out sentence below 0.99
+  'probe-drop<=0.1'     at most 0.1 percentage points of probe accuracy lost against FP32
+  'perplexity<=+2%'     held-out perplexity at most 2% above FP32's; '<=+0.5' adds 0.5; '<=12.5' is absolute
+  'top1>=0.98'          the next token agrees with FP32's at 98% of positions (also '>=98%')
+
 examples:
   build-engine search model.onnx --recipe hero-m3 --budget 'cosine>=0.999' -o engines/minilm-search
+  build-engine quantize model.onnx --statistics engines/minilm-search \\
+      --recipe engines/minilm-search/recipe.yaml -o engines/minilm-found      # the answer, again
   build-engine search model.onnx --budget 'probe-drop<=0.1' --slice 1000 --time-limit 600
-  build-engine search smollm2.onnx --recipe int8-gemm --budget 'perplexity<=+2%' --calib-data shakespeare \\
-      --samples 128 -o engines/smollm2-search
+  build-engine search smollm2.onnx --recipe int8-all-linear --budget 'perplexity<=+2%' --calib-data shakespeare \\
+      --samples 64 --max-length 256 --granularity layer -o engines/smollm2-search
   build-engine search model.onnx --budget 'cosine>=0.9995' --granularity layer --max-evals 40 --presets none
+      (run it again without --max-evals: the journal supplies the 40 and the search goes on)
+
+The search is deterministic: the same model, data, --seed and flags give the same candidates and recipe.
 
 exit codes: 0 budget met, 2 bad flag, budget or recipe, 3 budget not met (the closest point is written and
 the message says how far it is), or unreadable model or data, 4 lowering failed
@@ -167,6 +181,29 @@ def _calibrate(prepared: Any, report: Any, settings: CalibSettings, folder: Path
     return result.statistics
 
 
+def _weight_inputs(prepared: Any, report: Any, base: Any, statistics: Any, settings: CalibSettings, folder: Path,
+                   encoder: Any, args: argparse.Namespace) -> Any:
+    """``statistics`` with what the base recipe's weight quantizers read (OPTQ's Hessians of every GEMM input it
+    quantizes, a superset of every candidate's), collected once on the calibration feeds into hessians.npz."""
+    from builder.cli.steps import HESSIAN_FILE, calibration_feeds, weight_statistics
+    from builder.pipeline import plan_model
+    from builder.weights.hessians import missing
+
+    base_plan = plan_model(prepared.model, report, base, statistics)
+    lacking = missing(base_plan, statistics)
+    if not lacking:
+        return statistics
+    if args.fresh:
+        (folder / HESSIAN_FILE).unlink(missing_ok=True)
+    feeds = calibration_feeds(settings, encoder)
+    source = prepared.model if prepared.folded else prepared.path
+    statistics = weight_statistics(source, base_plan, statistics, feeds, folder, data_source=settings.source,
+                                   progress=not args.no_progress)
+    print(f"weight statistics: {', '.join(sorted({k for v in lacking.values() for k in v}))} of {len(lacking)} GEMM "
+          f"inputs ({folder / 'hessians.npz'})", flush=True)
+    return statistics
+
+
 def _scorers(model: Any, encoder: Any, data: SearchSlice, budget: Budget, args: argparse.Namespace,
              folder: Path) -> tuple[Any, Any]:
     """The full and quick slices with their FP32 references (cached under ``folder/eval-cache``)."""
@@ -276,6 +313,7 @@ def _search(args: argparse.Namespace, folder: Path) -> int:
     presets, skipped = _presets(args.presets, report)
     request = _request(args, base, budget, presets, settings, encoder)
     statistics = _calibrate(prepared, report, settings, folder, encoder, args)
+    statistics = _weight_inputs(prepared, report, base, statistics, settings, folder, encoder, args)
     data = _slice(args, settings, encoder, kind)
     full, quick = _scorers(model, encoder, data, budget, args, folder)
     inputs = _inputs_key(args, statistics, base, data, quick)
@@ -344,20 +382,6 @@ def _test(ctx: _Context, model: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - started
 
 
-def _test_figures(accuracy: Any) -> dict[str, float]:
-    figures: dict[str, float] = {"int8_gemm_share": accuracy.int8_gemm_share}
-    if accuracy.sentence is not None:
-        s = accuracy.sentence
-        figures.update({"cosine": s.cosine_mean, "cosine-min": s.cosine_min, "probe": s.probe_accuracy,
-                        "probe-fp32": s.reference_probe_accuracy,
-                        "probe-drop": 100.0 * (s.reference_probe_accuracy - s.probe_accuracy)})
-    if accuracy.language is not None:
-        lm = accuracy.language
-        figures.update({"perplexity": lm.perplexity, "perplexity-fp32": lm.reference_perplexity,
-                        "top1": lm.top1_agreement, "kl": lm.kl_mean})
-    return figures
-
-
 def _finish(ctx: _Context, outcome: Any) -> int:
     """Write the answer (lowered), the test figures, the tables, the plot and search.json; exit 3 when unmet."""
     import os
@@ -365,7 +389,7 @@ def _finish(ctx: _Context, outcome: Any) -> int:
     from builder.cli.steps import write_quantized
     from builder.pipeline import quantize_planned
     from builder.recipes.loader import recipe_to_yaml
-    from builder.search.report import SearchReport
+    from builder.search.report import SearchReport, split_figures
     from calib.artifact_io import atomic_write_text
     from calib.errors import CalibrationError
 
@@ -377,7 +401,7 @@ def _finish(ctx: _Context, outcome: Any) -> int:
     if not args.no_test:
         accuracy, test_s = _test(ctx, quantized.model.model)
         atomic_write_text(folder / "test-report.json", accuracy.to_json())
-        test = _test_figures(accuracy)
+        test = split_figures(accuracy)
     result, metric = outcome.result, budget.metric.name
     threshold = budget.threshold(result.reference)
     met = result.best is not None
@@ -399,11 +423,20 @@ def _finish(ctx: _Context, outcome: Any) -> int:
         gap = budget.shortfall(closest.value(metric), result.reference)
         why = ("even with every unit in 16 bits" if result.feasible is False else
                f"before the search finished ({result.stop.value})")
+        value, bound = distinct(closest.value(metric), threshold)
         raise CalibrationError(
-            f"budget {budget.text} not met {why}: the closest point has {metric} {closest.value(metric):.6g}, "
-            f"{gap:.3g} short of {threshold:.6g} (INT8 share {closest.share:.1%}); its recipe is in "
-            f"{folder / 'recipe.yaml'}")
+            f"budget {budget.text} not met {why}: the closest point has {metric} {value}, {gap:.3g} short of "
+            f"{bound} (INT8 share {closest.share:.1%}); its recipe is in {folder / 'recipe.yaml'}")
     return 0
+
+
+def distinct(value: float, bound: float) -> tuple[str, str]:
+    """``value`` and ``bound`` with the fewest significant digits (6 at least) that tell them apart."""
+    for digits in range(6, 18):
+        shown = f"{value:.{digits}g}", f"{bound:.{digits}g}"
+        if shown[0] != shown[1]:
+            return shown
+    return shown
 
 
 def _timing(outcome: Any, test_s: float, ctx: _Context, cpus: int) -> Any:

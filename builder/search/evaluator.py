@@ -4,6 +4,8 @@ A candidate is the base recipe plus fallback rules (:func:`builder.search.units.
 from the same Statistics as every other candidate (no second calibration), lowered by the library pipeline
 (builder.pipeline.quantize_planned) and run as a chain of segments (:mod:`builder.search.segments`), so only
 the blocks after its longest cached prefix run. The two slices (full and quick) keep separate state caches.
+Its integer weights come from a cache across candidates (:mod:`builder.search.weightcache`): only GEMMs whose
+weight entry or input quantization changed are quantized again, which makes data-aware weights (OPTQ) affordable.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from typing import Any
 import onnx
 
 from builder.graph.report import GraphReport, Role
+from builder.plan.artifact import QuantPlan
 from builder.recipes.model import Precision, Recipe
 from builder.search.scoring import SliceScorer
 from builder.search.search import Measurement
 from builder.search.segments import StateCache, run_chain, split_model
 from builder.search.units import Unit, search_recipe
+from builder.search.weightcache import WeightCache, cacheable
 from calib.statistics import Statistics
 
 logger = logging.getLogger(__name__)
@@ -50,10 +54,12 @@ class CandidateEvaluator:
     flagged: Sequence[int] | None = None
     feeds: Iterable[Mapping[str, Any]] | None = None  # calibration batches, for recipes with bias correction
     cache_bytes: int = 1 << 30
+    weight_cache_bytes: int = 1 << 30  # quantized weights kept across candidates (0: every candidate quantizes all)
     caches: dict[bool, StateCache] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.caches = {quick: StateCache(max_bytes=self.cache_bytes) for quick in (False, True)}
+        self.weight_cache = WeightCache(self.model, self.statistics, max_bytes=self.weight_cache_bytes)
         self.cuts = stream_cuts(self.report)
         if self.feeds is not None:
             self.feeds = list(self.feeds)
@@ -68,13 +74,22 @@ class CandidateEvaluator:
 
     def measure_recipe(self, recipe: Recipe, *, quick: bool = False) -> Measurement:
         """Plan, lower and evaluate ``recipe`` on the full (or quick) slice."""
-        from builder.pipeline import plan_model, quantize_planned
+        from builder.pipeline import plan_model
 
         started = time.perf_counter()
         plan = plan_model(self.model, self.report, recipe, self.statistics, flagged=self.flagged)
-        lowered = quantize_planned(self.model, plan, self.statistics, feeds=self.feeds if
-                                   recipe.uses_bias_correction else None).model.model
-        return self.measure_model(lowered, plan.int8_gemm_flop_share, quick=quick, started=started)
+        return self.measure_model(self.lowered(plan, recipe), plan.int8_gemm_flop_share, quick=quick,
+                                  started=started)
+
+    def lowered(self, plan: QuantPlan, recipe: Recipe) -> onnx.ModelProto:
+        """The portable Q/DQ graph of ``plan``, its weights from the weight cache where the plan allows."""
+        from builder.lower.pipeline import lower
+        from builder.pipeline import quantize_planned
+
+        if self.weight_cache_bytes > 0 and cacheable(plan):
+            return lower(self.model, plan, self.weight_cache.weights(plan), "portable").model
+        return quantize_planned(self.model, plan, self.statistics, feeds=self.feeds if
+                                recipe.uses_bias_correction else None).model.model
 
     def measure_model(self, model: onnx.ModelProto, share: float, *, quick: bool = False,
                       started: float | None = None) -> Measurement:
@@ -89,7 +104,9 @@ class CandidateEvaluator:
                            segments_total=run.segments_total)
 
     def cache_stats(self) -> dict[str, int]:
-        """Prefix-cache hits, misses and bytes held, both slices together."""
+        """Prefix-cache hits, misses and bytes held, both slices together, and the weight cache's."""
         caches = self.caches.values()
+        w = self.weight_cache
         return {"hits": sum(c.hits for c in caches), "misses": sum(c.misses for c in caches),
-                "bytes": sum(c.bytes for c in caches)}
+                "bytes": sum(c.bytes for c in caches), "weight_hits": w.hits, "weight_misses": w.misses,
+                "weight_bytes": w.bytes}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -190,3 +191,18 @@ def pareto_png(points: Sequence[Point], presets: Sequence[Point], answer: Point,
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def split_figures(accuracy: Any) -> dict[str, float]:
+    """The figures of an AccuracyReport (builder.evaluate) that search.json reports for the test split."""
+    figures: dict[str, float] = {"int8_gemm_share": accuracy.int8_gemm_share}
+    if accuracy.sentence is not None:
+        s = accuracy.sentence
+        figures.update({"cosine": s.cosine_mean, "cosine-min": s.cosine_min, "probe": s.probe_accuracy,
+                        "probe-fp32": s.reference_probe_accuracy,
+                        "probe-drop": 100.0 * (s.reference_probe_accuracy - s.probe_accuracy)})
+    if accuracy.language is not None:
+        lm = accuracy.language
+        figures.update({"perplexity": lm.perplexity, "perplexity-fp32": lm.reference_perplexity,
+                        "top1": lm.top1_agreement, "kl": lm.kl_mean})
+    return figures

@@ -3,7 +3,12 @@ sentences, answer checked on the test split; a re-run resumes from the journal a
 
 The base recipe is the preset mix that measured best per role on the search slice (SmoothQuant inputs for the
 weight GEMMs as in smooth-w8a8, HERO's static INT8 Q.K^T and P.V): from it the search reaches more INT8 than
-from hero-m3, whose FC1/FC2 inputs cost more accuracy per multiply-accumulate (see the README section).
+from hero-m3, whose FC1/FC2 inputs cost more accuracy per multiply-accumulate (see the README section). Its
+weights are rounded by OPTQ (Frantar et al. 2022, arXiv 2210.17323), which leaves about a third of
+round-to-nearest's weight damage on the search slice; the search collects the Hessians once and keeps
+quantized weights across candidates (builder.search.weightcache). The acceptance of the search: at least 80%
+of the GEMM multiply-accumulates in INT8 with mean cosine >= 0.999 on the test split, found in under ten
+minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,8 +28,8 @@ pytestmark = pytest.mark.slow
 
 MIXED = """\
 version: 2
-name: smooth-attn
-description: smooth-w8a8's weight GEMMs plus hero-m3's INT8 attention batched MatMuls
+name: smooth-attn-optq
+description: smooth-w8a8's weight GEMMs plus hero-m3's INT8 attention batched MatMuls, OPTQ W8 weights
 defaults: {precision: fp32}
 rules:
   - select: {roles: [q_proj, k_proj, v_proj, fc1, fc2]}
@@ -35,6 +40,8 @@ rules:
     set: {precision: int8, activation: {quantizer: static, range: max}}
   - select: {roles: [attn_qk, attn_pv]}
     set: {precision: int8, activation: {quantizer: static, range: max}}
+  - select: {roles: [q_proj, k_proj, v_proj, attn_out, fc1, fc2]}
+    set: {weight: {quantizer: optq, bits: 8}}
 """
 
 
@@ -48,7 +55,7 @@ def _cli(*argv: str) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def searched(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], list[str]]:
     folder = tmp_path_factory.mktemp("minilm-search")
-    recipe = folder / "smooth-attn.yaml"
+    recipe = folder / "smooth-attn-optq.yaml"
     recipe.write_text(MIXED, encoding="utf-8")
     argv = ["search", str(minilm_onnx), "--recipe", str(recipe), "--budget", "cosine>=0.999", "--presets",
             "hero-m1,hero-m3,smooth-mp,smooth-w8a8", "--no-progress", "-o", str(folder / "out")]
@@ -57,14 +64,14 @@ def searched(minilm_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> tup
     return folder / "out", json.loads((folder / "out" / "search.json").read_text()), argv
 
 
-def test_the_answer_meets_the_budget_on_the_slice_and_the_test_split(
+def test_the_answer_meets_the_budget_on_the_slice_and_the_test_split_with_80_percent_int8(
         searched: tuple[Path, dict[str, Any], list[str]]) -> None:
     _, report, _ = searched
     answer = report["answer"]["measurement"]
     assert report["met"] and answer["metrics"]["cosine"] >= 0.999 and answer["samples"] == 512
-    # the test split is another sample of the same sentences: allow three standard errors of the slice's mean
-    assert report["test"]["cosine"] >= 0.999 - 3e-4
+    assert report["test"]["cosine"] >= 0.999  # the acceptance: the budget holds on the test split too
     assert report["test"]["int8_gemm_share"] == pytest.approx(answer["share"], abs=1e-9)
+    assert answer["share"] >= 0.80
 
 
 def test_the_answer_has_more_int8_than_every_preset_that_meets_the_budget(

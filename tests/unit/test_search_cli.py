@@ -138,3 +138,43 @@ def test_a_bad_budget_exits_2_naming_the_allowed_metrics(toy_model: Path, tmp_pa
     assert code == 2 and needle in err, err
     if "needs a" in needle:
         assert "cosine>=0.999" in err and "probe-drop<=0.1" in err
+
+
+def test_the_unmet_message_shows_enough_digits_to_tell_value_and_bound_apart() -> None:
+    from builder.cli.search import distinct
+
+    assert distinct(0.999999893671468, 0.9999999) == ("0.99999989", "0.9999999")
+    assert distinct(0.99902, 0.999) == ("0.99902", "0.999")
+    value, bound = distinct(1.0 - 3e-12, 1.0)
+    assert value != bound and float(value) < float(bound)
+
+
+OPTQ_BASE = """\
+version: 2
+name: toy-optq
+defaults: {precision: fp32}
+rules:
+  - select: {roles: [q_proj, k_proj, v_proj, attn_out, fc1, fc2]}
+    set: {precision: int8, activation: {quantizer: smooth, alpha: 0.8}, weight: {quantizer: optq, bits: 8}}
+"""
+
+
+def test_an_optq_base_collects_the_hessians_resumes_and_quantize_reproduces_it(toy_model: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "toy-optq.yaml"
+    recipe.write_text(OPTQ_BASE, encoding="utf-8")
+    argv = ["search", str(toy_model), "--recipe", str(recipe), "--budget", "cosine>=0.9999", "--presets", "none",
+            "--no-test", "-o", str(tmp_path / "out"), *FAST]
+    code, out, err = cli(*argv)
+    assert code in (0, 3), err
+    assert (tmp_path / "out" / "hessians.npz").is_file()
+    assert "weight statistics: hessian of 4 GEMM inputs" in out  # Q, K and V read one tensor
+    model = (tmp_path / "out" / "model.onnx").read_bytes()
+    code2, out2, err2 = cli(*argv)
+    assert code2 == code, err2
+    assert "0 candidates measured" in out2 and (tmp_path / "out" / "model.onnx").read_bytes() == model
+    quantized = tmp_path / "quantized"
+    code, _, err = cli("quantize", str(toy_model), "--statistics", str(tmp_path / "out"), "--recipe",
+                       str(tmp_path / "out" / "recipe.yaml"), "-o", str(quantized), "--samples", "16",
+                       "--batch-size", "8")
+    assert code == 0, err
+    assert (quantized / "model.onnx").read_bytes() == model
