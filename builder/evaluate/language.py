@@ -84,7 +84,7 @@ def storable(values: npt.NDArray[Any]) -> npt.NDArray[Any]:
     return arr.astype(np.float32)
 
 
-def _nll_top1(logits: npt.NDArray[Any], ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.float64],
+def nll_top1(logits: npt.NDArray[Any], ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.float64],
                                                                           npt.NDArray[np.int64]]:
     """NLL of each next token and the argmax of each predicting position, for one window."""
     pred = np.asarray(logits[:-1], dtype=np.float32)
@@ -105,7 +105,7 @@ def reference_windows(runner: OrtRunner, survey: Survey, encoder: TextEncoder, w
         logits = values[survey.logits][0]
         if not np.all(np.isfinite(logits)):
             raise GraphError("the FP32 model produced non-finite logits")
-        nll, _ = _nll_top1(logits, ids)
+        nll, _ = nll_top1(logits, ids)
         arrays[f"lm/nll/{index}"] = nll  # float64, as the model side sums it
         arrays[f"lm/argmax/{index}"] = np.argmax(np.asarray(logits), axis=-1).astype(np.int32)  # every position
         for name, value in values.items():
@@ -124,7 +124,7 @@ class LanguageAccumulator:
     kl_sum: float = 0.0
 
     def add(self, logits: npt.NDArray[Any], ids: npt.NDArray[np.int64], ref: Mapping[str, npt.NDArray[Any]]) -> None:
-        nll, top1 = _nll_top1(logits, ids)
+        nll, top1 = nll_top1(logits, ids)
         if not np.all(np.isfinite(nll)):
             raise GraphError("the evaluated model produced non-finite logits")
         self.nll_sum += float(np.sum(nll))

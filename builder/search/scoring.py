@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from builder.evaluate.language import Windows
+from builder.evaluate.language import Windows, nll_top1
 from builder.evaluate.metrics import Probe
 from builder.evaluate.runner import Feeds, OrtRunner, Pooling
 from builder.search.budget import ModelKind
@@ -158,23 +158,11 @@ def _sentence_metrics(scorer: SliceScorer, emb: npt.NDArray[Any]) -> dict[str, f
     return out
 
 
-def _nll_argmax(logits: npt.NDArray[Any], ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.float64],
-                                                                           npt.NDArray[np.int64]]:
-    from builder.evaluate.fidelity import log_softmax
-
-    pred = np.asarray(logits[:-1], dtype=np.float32)
-    nll = np.empty(pred.shape[0], dtype=np.float64)
-    for start in range(0, pred.shape[0], 256):  # float64 log-softmax a chunk at a time
-        chunk = log_softmax(pred[start:start + 256])
-        nll[start:start + 256] = -chunk[np.arange(chunk.shape[0]), ids[start + 1:start + 1 + chunk.shape[0]]]
-    return nll, np.argmax(pred, axis=-1).astype(np.int64)
-
-
 def _language_metrics(scorer: SliceScorer, outputs: Sequence[Mapping[str, npt.NDArray[Any]]]) -> dict[str, float]:
     assert scorer.data.windows is not None
     nll_sum, count, equal = 0.0, 0, 0
     for index, (out, ids) in enumerate(zip(outputs, scorer.data.windows.ids, strict=True)):
-        nll, top1 = _nll_argmax(out[scorer.fetch[0]][0], ids)
+        nll, top1 = nll_top1(out[scorer.fetch[0]][0], ids)
         if not np.all(np.isfinite(nll)):
             return {"perplexity": math.inf, "top1": 0.0}
         nll_sum += float(np.sum(nll))
@@ -202,7 +190,7 @@ def _reference_arrays(fp32: onnx.ModelProto, data: SearchSlice, batches: tuple[l
     arrays: dict[str, npt.NDArray[Any]] = {}
     if data.windows is not None:
         for index, (feed, ids) in enumerate(zip(feeds, data.windows.ids, strict=True)):
-            nll, top1 = _nll_argmax(runner.run(feed, list(fetch))[0][0], ids)
+            nll, top1 = nll_top1(runner.run(feed, list(fetch))[0][0], ids)
             arrays[f"nll/{index}"], arrays[f"argmax/{index}"] = nll, top1
         return arrays
     assert pooling is not None
