@@ -113,22 +113,7 @@ class LowBitQuantizer(ActivationQuantizer[LowBitConfig, LowBitParams]):
 
     def lower(self, ctx: LoweringContext, edge: ActivationEdge) -> None:
         params: LowBitParams = edge.params
-        ed, tensor = ctx.ed, edge.tensor
-        bound = np.float32(params.amax)
-        low = ed.add_initializer(f"{tensor}_clip_min", np.array(-bound, dtype=np.float32))
-        high = ed.add_initializer(f"{tensor}_clip_max", np.array(bound, dtype=np.float32))
-        clipped = ed.unique(f"{tensor}_clipped")
-        ed.add_node("Clip", [tensor, low, high], [clipped], name=f"{tensor}_Clip")
-        scale = ed.add_initializer(f"{tensor}_scale", np.array(params.scale, dtype=np.float32))
-        zero = ed.add_initializer(f"{tensor}_zero_point", np.array(0, dtype=np.int8))
-        quantized, dequantized = ed.unique(f"{tensor}_quantized"), ed.unique(f"{tensor}_dequantized")
-        ed.add_node("QuantizeLinear", [clipped, scale, zero], [quantized], name=f"{tensor}_QuantizeLinear")
-        ed.add_node("DequantizeLinear", [quantized, scale, zero], [dequantized], name=f"{tensor}_DequantizeLinear")
-        for name in edge.consumers:
-            node = ed.node(name)
-            if tensor not in node.input:
-                raise BuildError(f"plan says node {name!r} reads {tensor!r}, but it does not")
-            ed.replace_input(node, tensor, dequantized)
+        insert_clipped_qdq(ctx, edge.tensor, params.amax, float(params.scale), edge.consumers)
 
     def reference(self, x: F32, params: LowBitParams) -> F32:
         bound = np.float32(params.amax)
@@ -148,3 +133,24 @@ def lowbit_counterpart(recipe: Recipe, config: LowBitConfig, name: str) -> Recip
         raise ConfigError(f"recipe {recipe.name!r} quantizes no activation with sparq; nothing to compare against")
     return replace(recipe, name=name, rules=rules,
                    description=f"{recipe.name} with plain {config.bits}-bit activations ({config.range} range)")
+
+
+def insert_clipped_qdq(ctx: LoweringContext, tensor: str, amax: float, scale: float,
+                       consumers: tuple[str, ...]) -> None:
+    """Clip(tensor, -amax, amax) -> QuantizeLinear(scale) -> DequantizeLinear for ``consumers``: b-bit codes held
+    in INT8 (the clip keeps them within +-amax / scale levels, which QuantizeLinear's INT8 saturation would not)."""
+    ed, bound = ctx.ed, np.float32(amax)
+    low = ed.add_initializer(f"{tensor}_clip_min", np.array(-bound, dtype=np.float32))
+    high = ed.add_initializer(f"{tensor}_clip_max", np.array(bound, dtype=np.float32))
+    clipped = ed.unique(f"{tensor}_clipped")
+    ed.add_node("Clip", [tensor, low, high], [clipped], name=f"{tensor}_Clip")
+    scale_init = ed.add_initializer(f"{tensor}_scale", np.array(scale, dtype=np.float32))
+    zero = ed.add_initializer(f"{tensor}_zero_point", np.array(0, dtype=np.int8))
+    quantized, dequantized = ed.unique(f"{tensor}_quantized"), ed.unique(f"{tensor}_dequantized")
+    ed.add_node("QuantizeLinear", [clipped, scale_init, zero], [quantized], name=f"{tensor}_QuantizeLinear")
+    ed.add_node("DequantizeLinear", [quantized, scale_init, zero], [dequantized], name=f"{tensor}_DequantizeLinear")
+    for name in consumers:
+        node = ed.node(name)
+        if tensor not in node.input:
+            raise BuildError(f"plan says node {name!r} reads {tensor!r}, but it does not")
+        ed.replace_input(node, tensor, dequantized)

@@ -40,7 +40,7 @@ import numpy as np
 
 from builder.quant.base import ActivationQuantizer, EdgeContext, Placement
 from builder.quant.fold import fold_divide, restore, scale_rows
-from builder.quant.lowbit import MAX_BITS, MIN_BITS, levels_of
+from builder.quant.lowbit import MAX_BITS, MIN_BITS, insert_clipped_qdq, levels_of
 from calib.errors import CalibrationError, ConfigError
 from calib.quant import fake_quantize, scale_from_amax
 from calib.schema import Schema
@@ -202,15 +202,4 @@ def _insert_codes(ctx: LoweringContext, edge: ActivationEdge, source: str, param
     if params.bits == MAX_BITS:
         ctx.insert_qdq(source, params.amax, edge.consumers)
         return
-    ed, bound = ctx.ed, np.float32(params.amax)
-    low = ed.add_initializer(f"{source}_clip_min", np.array(-bound, dtype=np.float32))
-    high = ed.add_initializer(f"{source}_clip_max", np.array(bound, dtype=np.float32))
-    clipped = ed.unique(f"{source}_clipped")
-    ed.add_node("Clip", [source, low, high], [clipped], name=f"{source}_Clip")
-    scale = ed.add_initializer(f"{source}_scale", np.array(params.scale, dtype=np.float32))
-    zero = ed.add_initializer(f"{source}_zero_point", np.array(0, dtype=np.int8))
-    quantized, dequantized = ed.unique(f"{source}_quantized"), ed.unique(f"{source}_dequantized")
-    ed.add_node("QuantizeLinear", [clipped, scale, zero], [quantized], name=f"{source}_QuantizeLinear")
-    ed.add_node("DequantizeLinear", [quantized, scale, zero], [dequantized], name=f"{source}_DequantizeLinear")
-    for name in edge.consumers:
-        ed.replace_input(ed.node(name), source, dequantized)
+    insert_clipped_qdq(ctx, source, params.amax, float(params.scale), edge.consumers)
