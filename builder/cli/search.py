@@ -183,24 +183,28 @@ def _calibrate(prepared: Any, report: Any, settings: CalibSettings, folder: Path
 
 def _weight_inputs(prepared: Any, report: Any, base: Any, statistics: Any, settings: CalibSettings, folder: Path,
                    encoder: Any, args: argparse.Namespace) -> Any:
-    """``statistics`` with what the base recipe's weight quantizers read (OPTQ's Hessians of every GEMM input it
-    quantizes, a superset of every candidate's), collected once on the calibration feeds into hessians.npz."""
+    """``statistics`` with what the base recipe reads beyond calibration's default observers (OPTQ's Hessians into
+    hessians.npz, vSPARQ's zero pairs), collected once on the calibration feeds: a superset of every candidate's."""
     from builder.cli.steps import HESSIAN_FILE, calibration_feeds, weight_statistics
     from builder.pipeline import plan_model
-    from builder.weights.hessians import missing
+    from builder.plan.planner import MissingStatistics
+    from builder.weights.hessians import collect_missing, missing
 
-    base_plan = plan_model(prepared.model, report, base, statistics)
+    source, feeds = prepared.model if prepared.folded else prepared.path, calibration_feeds(settings, encoder)
+    try:
+        base_plan = plan_model(prepared.model, report, base, statistics)
+    except MissingStatistics as absent:  # activation observers calibration leaves to the recipes needing them
+        statistics = collect_missing(source, statistics, absent.wanted, feeds)
+        base_plan = plan_model(prepared.model, report, base, statistics)
     lacking = missing(base_plan, statistics)
     if not lacking:
         return statistics
     if args.fresh:
         (folder / HESSIAN_FILE).unlink(missing_ok=True)
-    feeds = calibration_feeds(settings, encoder)
-    source = prepared.model if prepared.folded else prepared.path
     statistics = weight_statistics(source, base_plan, statistics, feeds, folder, data_source=settings.source,
                                    progress=not args.no_progress)
-    print(f"weight statistics: {', '.join(sorted({k for v in lacking.values() for k in v}))} of {len(lacking)} GEMM "
-          f"inputs ({folder / 'hessians.npz'})", flush=True)
+    kinds = ", ".join(sorted({k for v in lacking.values() for k in v}))
+    print(f"weight statistics: {kinds} of {len(lacking)} GEMM inputs ({folder / 'hessians.npz'})", flush=True)
     return statistics
 
 

@@ -53,11 +53,12 @@ def quantize_recipe(model: bytes, report: GraphReport, recipe: str, fallbacks: t
     from builder.cli.steps import quantize_summary
     from builder.pipeline import quantize, resolve_recipe
     from builder.recipes.loader import recipe_to_yaml
+    from builder.weights.hessians import recipe_needs_data
 
     proto = onnx.load_from_string(model)
     resolved = resolve_recipe(recipe, report, fallbacks)
     result = quantize(proto, report, resolved, statistics, variant=variant,
-                      feeds=feeds if resolved.uses_bias_correction else None)
+                      feeds=feeds if recipe_needs_data(resolved) else None)
     return QuantizedFiles(recipe=resolved.name, model=result.model.serialize(), plan_json=result.plan.to_json(),
                           recipe_yaml=recipe_to_yaml(resolved), precision=dict(result.model.precision),
                           int8_gemm_flop_share=result.plan.int8_gemm_flop_share,

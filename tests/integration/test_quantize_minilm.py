@@ -40,14 +40,19 @@ def _feeds(texts: list[str], max_length: int = 32, batch_size: int = 16) -> list
 
 
 @pytest.fixture(scope="module")
-def minilm(minilm_onnx: Path) -> Setup:
-    """MiniLM, its report and its Statistics over 48 VADER calibration sentences (every preset plans from it)."""
+def calibration_feeds() -> list[dict[str, np.ndarray]]:
+    """48 VADER calibration sentences (the SPARQ presets read them again for their on-demand observer)."""
     from calib.data import vader_splits
 
+    return _feeds([s.text for s in vader_splits().calibration[:48]])
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_onnx: Path, calibration_feeds: list[dict[str, np.ndarray]]) -> Setup:
+    """MiniLM, its report and its Statistics over the calibration feeds (every preset plans from it)."""
     model = onnx.load(str(minilm_onnx))
     report = analyze_model(model, "minilm")
-    texts = [s.text for s in vader_splits().calibration[:48]]
-    return model, report, calibrate(model, report, _feeds(texts)).statistics
+    return model, report, calibrate(model, report, calibration_feeds).statistics
 
 
 def _embedding(model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> np.ndarray:
@@ -62,11 +67,12 @@ FAST_PRESETS = ("int8-gemm", "hero-m3", "bondarenko-peg")  # the others run unde
 
 @pytest.mark.parametrize("preset", [p if p in FAST_PRESETS else pytest.param(p, marks=pytest.mark.slow)
                                     for p in sorted(preset_names())])
-def test_every_preset_lowers_runs_and_stays_close(minilm: Setup, preset: str) -> None:
+def test_every_preset_lowers_runs_and_stays_close(minilm: Setup, calibration_feeds: list[dict[str, np.ndarray]],
+                                                  preset: str) -> None:
     from calib.data import vader_splits
 
     model, report, tables = minilm
-    q = quantize(model, preset, tables, report=report, flagged=(4, 5))
+    q = quantize(model, preset, tables, report=report, flagged=(4, 5), feeds=calibration_feeds)
     onnx.checker.check_model(q.model)
     feeds = _feeds([s.text for s in vader_splits().test[:16]])
     ref, out = _embedding(model, feeds), _embedding(q.model, feeds)
