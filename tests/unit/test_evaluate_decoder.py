@@ -161,3 +161,21 @@ def test_fp32_against_itself(decoder: Any, lm_data: EvalData) -> None:
     # the stored reference logits are float16: exact argmax from float32, KL and error at float16 rounding
     assert logits.top1_agreement == 1.0 and logits.kl_mean is not None and logits.kl_mean < 1e-6
     assert logits.relative_error < 1e-3
+
+
+def test_the_cache_warning_explains_itself_for_quantized_graphs() -> None:
+    """The cached-vs-full warning fires for any graph past the FP32 tolerance; for a Q/DQ graph it says why a
+    difference is expected and what to judge instead, and a check within tolerance gives no warning."""
+    from builder.evaluate.evaluate import _warnings
+    from builder.evaluate.report import CacheCheck, LanguageFigures
+
+    def figures(diff: float) -> LanguageFigures:
+        check = CacheCheck(positions=40, max_abs_diff=diff, max_abs_logit=30.0, tolerance=0.03,
+                           within=diff <= 0.03, argmax_equal=diff <= 0.03)
+        return LanguageFigures(corpus="c", window=8, windows=1, tokens=7, perplexity=10.0, reference_perplexity=9.9,
+                               top1_agreement=0.9, kl_mean=0.01, cache_check=check)
+
+    assert _warnings(figures(0.01), quantized=True) == []
+    plain, quantized = _warnings(figures(1.5)), _warnings(figures(1.5), quantized=True)
+    assert len(plain) == len(quantized) == 1 and "differ from the full sequence by 1.5" in plain[0]
+    assert "Q/DQ" not in plain[0] and "Q/DQ graph" in quantized[0] and "next-token agreement" in quantized[0]
