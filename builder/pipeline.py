@@ -106,12 +106,22 @@ class Quantized:
 
 def plan_model(model: onnx.ModelProto, report: GraphReport, recipe: Recipe, statistics: Statistics, *,
                flagged: Sequence[int] | None = None, seq_len: int = PLAN_SEQ_LEN,
-               feeds: Iterable[Feed] | None = None, source: onnx.ModelProto | Path | None = None) -> QuantPlan:
+               feeds: Sequence[Feed] | None = None, source: onnx.ModelProto | Path | None = None) -> QuantPlan:
     """Planning stage; the flagged layers come from the statistics' outlier report when the recipe needs them.
+    With ``feeds``, observers the plan lacks are collected first (see :func:`plan_and_statistics`)."""
+    return plan_and_statistics(model, report, recipe, statistics, flagged=flagged, seq_len=seq_len,
+                               feeds=None if feeds is None else (lambda: feeds), source=source)[0]
 
-    Observer kinds that calibration does not collect by default (vSPARQ's ``sparq_pairs``) are collected here
-    when an activation quantizer of the plan needs them: a second pass over ``feeds`` (the batches the
-    statistics were collected on) by ``source`` (what calibration ran: its file, or ``model`` when omitted).
+
+def plan_and_statistics(model: onnx.ModelProto, report: GraphReport, recipe: Recipe, statistics: Statistics, *,
+                        flagged: Sequence[int] | None = None, seq_len: int = PLAN_SEQ_LEN,
+                        feeds: Callable[[], Sequence[Feed]] | None = None,
+                        source: onnx.ModelProto | Path | None = None) -> tuple[QuantPlan, Statistics]:
+    """The plan, and the Statistics it was made from.
+
+    Observer kinds that calibration does not collect by default (vSPARQ's ``sparq_pairs``) are collected when an
+    activation quantizer of the plan needs them: a second pass over ``feeds()`` (the batches the statistics were
+    collected on; called only then) by ``source`` (what calibration ran: its file, or ``model`` when omitted).
     Without ``feeds`` that is a MissingStatistics error.
     """
     from builder.plan.planner import MissingStatistics
@@ -121,12 +131,12 @@ def plan_model(model: onnx.ModelProto, report: GraphReport, recipe: Recipe, stat
         flagged = outliers(report, statistics).flagged_layers()
     flops = gemm_flops(model, report, seq_len)
     try:
-        return plan(report, recipe, statistics, flagged=flagged, flops=flops, seq_len=seq_len, model=model)
+        return plan(report, recipe, statistics, flagged=flagged, flops=flops, seq_len=seq_len, model=model), statistics
     except MissingStatistics as missing:
         if feeds is None:
             raise
-        statistics = collect_missing(model if source is None else source, statistics, missing.wanted, feeds)
-    return plan(report, recipe, statistics, flagged=flagged, flops=flops, seq_len=seq_len, model=model)
+        statistics = collect_missing(model if source is None else source, statistics, missing.wanted, feeds())
+    return plan(report, recipe, statistics, flagged=flagged, flops=flops, seq_len=seq_len, model=model), statistics
 
 
 def quantize(model: onnx.ModelProto, report: GraphReport, recipe: Recipe, statistics: Statistics, *,

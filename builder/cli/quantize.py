@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace, out: Path | None) -> int:
-    from builder.cli.common import weight_flags
-    from builder.cli.steps import load_statistics, quantize_summary, write_quantized
+    from builder.cli.common import calib_settings, weight_flags
+    from builder.cli.steps import calibration_feeds, load_statistics, quantize_summary, write_quantized
     from builder.intake.prepare import prepare_model
     from builder.pipeline import analyze_model, resolve_recipe
     from builder.plan.artifact import load_plan
@@ -144,9 +146,12 @@ def _quantize(args: argparse.Namespace, out: Path | None) -> int:
         raise ConfigError("quantize needs --statistics (the statistics.npz `build-engine calibrate` wrote, or its "
                           "folder)")
     statistics = load_statistics(args.statistics)
+    settings = calib_settings(args)
+    # the calibration texts, read at most once and only when the recipe needs them
+    feeds = functools.cache(lambda: calibration_feeds(settings, settings.encoder(args.model)))
     if quant_plan is None:
-        quant_plan = _plan(args, prepared, report, recipe, statistics, flagged)
-    result = _weights_and_lowering(args, prepared, quant_plan, statistics, out)
+        quant_plan, statistics = _plan(args, prepared, report, recipe, statistics, flagged, feeds)
+    result = _weights_and_lowering(args, prepared, quant_plan, statistics, out, feeds, settings.source)
     write_quantized(out, result, recipe_to_yaml(recipe) if args.plan is None else None)
     print(quantize_summary(result, args.variant))
     print(f"wrote {out / 'model.onnx'}, plan.json, {'recipe.yaml, ' if args.plan is None else ''}precision.json")
@@ -154,32 +159,25 @@ def _quantize(args: argparse.Namespace, out: Path | None) -> int:
 
 
 def _plan(args: argparse.Namespace, prepared: Any, report: Any, recipe: Any, statistics: Any,
-          flagged: tuple[int, ...] | None) -> Any:
-    """The plan; observers the recipe needs that calibration does not collect by default (vSPARQ's zero pairs)
-    are collected here from the calibration texts (the calibration-data flags as for ``calibrate``)."""
-    from builder.cli.common import calib_settings
-    from builder.cli.steps import calibration_feeds
-    from builder.pipeline import plan_model
-    from builder.plan.planner import MissingStatistics
+          flagged: tuple[int, ...] | None, feeds: Callable[[], Any]) -> tuple[Any, Any]:
+    """The plan and its Statistics; observers the recipe needs that calibration does not collect by default
+    (vSPARQ's zero pairs) are collected here from the calibration texts (the calibration-data flags as for
+    ``calibrate``)."""
+    from builder.pipeline import plan_and_statistics
 
-    try:
-        return plan_model(prepared.model, report, recipe, statistics, flagged=flagged, seq_len=args.seq_len)
-    except MissingStatistics as missing:
-        print(f"collecting {', '.join(sorted({k for v in missing.wanted.values() for k in v}))} statistics of "
-              f"{len(missing.wanted)} tensors from the calibration data")
-    settings = calib_settings(args)
-    feeds = calibration_feeds(settings, settings.encoder(args.model))
-    source = prepared.model if prepared.folded else prepared.path
-    return plan_model(prepared.model, report, recipe, statistics, flagged=flagged, seq_len=args.seq_len,
-                      feeds=feeds, source=source)
+    def announced() -> Any:
+        print("collecting the observers the recipe needs beyond the calibration's from the calibration data")
+        return feeds()
+
+    return plan_and_statistics(prepared.model, report, recipe, statistics, flagged=flagged, seq_len=args.seq_len,
+                               feeds=announced, source=prepared.model if prepared.folded else prepared.path)
 
 
 def _weights_and_lowering(args: argparse.Namespace, prepared: Any, quant_plan: Any, statistics: Any,
-                          out: Path) -> Any:
+                          out: Path, feeds: Callable[[], Any], data_source: str) -> Any:
     """Weights and lowering of the plan; the calibration texts are read when the plan needs them (bias
     correction, OPTQ's Hessians when the statistics lack them: collected into ``out/hessians.npz``, GPFQ)."""
-    from builder.cli.common import calib_settings
-    from builder.cli.steps import calibration_feeds, weight_statistics
+    from builder.cli.steps import weight_statistics
     from builder.pipeline import quantize_planned
     from builder.quant.registry import weight_quantizer
     from builder.weights.hessians import missing
@@ -188,11 +186,8 @@ def _weights_and_lowering(args: argparse.Namespace, prepared: Any, quant_plan: A
     check_plan(prepared.model, quant_plan)  # before any pass over the data
     staged = any(getattr(weight_quantizer(w.quantizer), "quantized_inputs", False) for w in quant_plan.weights)
     lacking = missing(quant_plan, statistics)
-    feeds = None
-    if quant_plan.bias_correction_nodes or staged or lacking:
-        settings = calib_settings(args)
-        feeds = calibration_feeds(settings, settings.encoder(args.model))
-        if lacking:
-            source = prepared.model if prepared.folded else prepared.path
-            statistics = weight_statistics(source, quant_plan, statistics, feeds, out, data_source=settings.source)
-    return quantize_planned(prepared.model, quant_plan, statistics, variant=args.variant, feeds=feeds)
+    batches = feeds() if quant_plan.bias_correction_nodes or staged or lacking else None
+    if lacking:
+        source = prepared.model if prepared.folded else prepared.path
+        statistics = weight_statistics(source, quant_plan, statistics, feeds(), out, data_source=data_source)
+    return quantize_planned(prepared.model, quant_plan, statistics, variant=args.variant, feeds=batches)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -186,22 +187,18 @@ def _weight_inputs(prepared: Any, report: Any, base: Any, statistics: Any, setti
     """``statistics`` with what the base recipe reads beyond calibration's default observers (OPTQ's Hessians into
     hessians.npz, vSPARQ's zero pairs), collected once on the calibration feeds: a superset of every candidate's."""
     from builder.cli.steps import HESSIAN_FILE, calibration_feeds, weight_statistics
-    from builder.pipeline import plan_model
-    from builder.plan.planner import MissingStatistics
-    from builder.weights.hessians import collect_missing, missing
+    from builder.pipeline import plan_and_statistics
+    from builder.weights.hessians import missing
 
-    source, feeds = prepared.model if prepared.folded else prepared.path, calibration_feeds(settings, encoder)
-    try:
-        base_plan = plan_model(prepared.model, report, base, statistics)
-    except MissingStatistics as absent:  # activation observers calibration leaves to the recipes needing them
-        statistics = collect_missing(source, statistics, absent.wanted, feeds)
-        base_plan = plan_model(prepared.model, report, base, statistics)
+    source = prepared.model if prepared.folded else prepared.path
+    feeds = functools.cache(lambda: calibration_feeds(settings, encoder))  # read only when something is missing
+    base_plan, statistics = plan_and_statistics(prepared.model, report, base, statistics, feeds=feeds, source=source)
     lacking = missing(base_plan, statistics)
     if not lacking:
         return statistics
     if args.fresh:
         (folder / HESSIAN_FILE).unlink(missing_ok=True)
-    statistics = weight_statistics(source, base_plan, statistics, feeds, folder, data_source=settings.source,
+    statistics = weight_statistics(source, base_plan, statistics, feeds(), folder, data_source=settings.source,
                                    progress=not args.no_progress)
     kinds = ", ".join(sorted({k for v in lacking.values() for k in v}))
     print(f"weight statistics: {kinds} of {len(lacking)} GEMM inputs ({folder / 'hessians.npz'})", flush=True)
