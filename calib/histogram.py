@@ -65,21 +65,13 @@ def ceil_indices(abs_values: F32, exponent: int, *, overwrite: bool = False,
 
     One fused pass from the scaled floats to integers (``out``, when given, is a reusable buffer of at least
     ``abs_values.size`` elements; ``overwrite`` lets the scaling reuse ``abs_values`` itself). Counting these
-    and folding count 0 into bin 0 gives the histogram without the two extra integer passes of
-    :func:`bin_indices`.
+    and folding count 0 into bin 0 gives the histogram without two extra integer passes (subtracting 1 and
+    clamping at 0).
     """
     scaled = _scaled(abs_values, exponent, overwrite)
     size = scaled.size
     index = np.empty(size, dtype=np.intp) if out is None or out.size < size else out[:size]
     np.ceil(scaled.reshape(-1), out=index, casting="unsafe")
-    return index
-
-
-def bin_indices(abs_values: F32, exponent: int) -> npt.NDArray[np.intp]:
-    """Bin of every value: ceil(|x| / 2**exponent) - 1, exact zeros in bin 0 (exact power-of-two scaling)."""
-    index = ceil_indices(abs_values, exponent)
-    np.subtract(index, 1, out=index)
-    np.maximum(index, 0, out=index)
     return index
 
 

@@ -94,11 +94,6 @@ class TextEncoder:
         self._tokenizer.no_truncation()
         self._tokenizer.no_padding()
 
-    @property
-    def is_decoder(self) -> bool:
-        """True when the model takes a KV cache (``past_key_values`` inputs)."""
-        return bool(self.inputs.cache)
-
     def token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens (for language-model corpora and prompts)."""
         self._untruncated()
@@ -107,14 +102,6 @@ class TextEncoder:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of token ``ids``."""
         return str(self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False))
-
-    def special_id(self, *candidates: str) -> int | None:
-        """Id of the first of ``candidates`` the vocabulary holds."""
-        for token in candidates:
-            found = self._tokenizer.token_to_id(token)
-            if found is not None:
-                return int(found)
-        return None
 
     def prompt_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` with the tokenizer's own special tokens (a BOS where it adds one)."""

@@ -214,11 +214,12 @@ def evaluate(
     with progress.phase(f"{name}: INT8 GEMM share", total=None):
         share = int8_gemm_share(gemm_costs(model, share_feed(data, ref)))
     computed += ["INT8 GEMM share"] + (["per-layer error"] if table else [])
+    warnings = _warnings(language, quantized)
     result = AccuracyReport(
         model_name=name, computed=tuple(computed), skipped=ref.survey.skipped, outputs=outputs, sentence=sentence,
         language=language, int8_gemm_share=share, layer_errors=table, peak_rss_mib=round(peak_rss_mib(), 1),
-        warnings=tuple(layer_warnings) + tuple(_warnings(language, quantized)))
-    for message in _warnings(language, quantized):
+        warnings=tuple(layer_warnings) + tuple(warnings))
+    for message in warnings:
         logger.warning("%s: %s", name, message)
     logger.info("%s: %s", name, result.headline())
     return result

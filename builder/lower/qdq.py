@@ -14,10 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from builder.lower.graph_edit import GraphEditor
+from builder.plan.artifact import ALL_CONSUMERS
 from calib.errors import BuildError
 from calib.quant import scale_from_amax
-
-ALL_CONSUMERS = "*"
 
 
 def act_scale(amax: float) -> np.float32:

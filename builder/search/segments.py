@@ -242,8 +242,3 @@ def run_chain(segments: Sequence[Segment], feeds: Sequence[Mapping[str, npt.NDAr
                 del state[dead]
         cache.put(segment.key, [dict(s) for s in states])
     return ChainRun(outputs=states, segments_run=len(segments) - start, segments_total=len(segments))
-
-
-def array_bytes(states: Sequence[State]) -> int:
-    """Bytes held by ``states`` (for logs)."""
-    return int(sum(np.asarray(a).nbytes for s in states for a in s.values()))

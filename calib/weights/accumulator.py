@@ -87,11 +87,6 @@ def data_type_bound(k: int, weight_bits: int, activation_bits: int, signed: bool
     return math.ceil(alpha + math.log2(1 + 2.0**-alpha) + 1)
 
 
-def l1_norm_bound(accumulator_bits: int, activation_bits: int, signed: bool) -> float:
-    """A2Q's bound ||q||_1 <= (2**(P-1) - 1) * 2**([signed] - N) (brevitas ``get_upper_bound_on_l1_norm``)."""
-    return symmetric_limit(accumulator_bits) * 2.0 ** (int(signed) - activation_bits)
-
-
 def zero_centered_l1_bound(accumulator_bits: int, x_min: int, x_max: int) -> float:
     """AXE's radius Z = (2**P - 2) / (x_max - x_min): with sum(q) = 0 the worst case is (x_max-x_min)||q||_1/2."""
     check_accumulator_bits(accumulator_bits)
