@@ -65,24 +65,13 @@ def quantize_recipe(model: bytes, report: GraphReport, recipe: str, fallbacks: t
                           summary=quantize_summary(result, variant))
 
 
-def _same_inputs(existing: EngineManifest, folder: Path, options: BuildOptions, backend: Any) -> bool:
-    """Whether ``existing`` was built from the files in ``folder`` with ``options`` by this backend version."""
-    from builder import __version__
-    from builder.engine.build import MODEL_FILE, RANGES_FILE, RECIPE_FILE
-    from calib.artifact_io import sha256_file
-
-    return (existing.tool_version == __version__ and existing.backend == backend.name.value
-            and existing.backend_version == backend.version() and existing.options == options
-            and existing.model_sha256 == sha256_file(folder / MODEL_FILE)
-            and existing.recipe_sha256 == sha256_file(folder / RECIPE_FILE)
-            and existing.ranges_sha256 == sha256_file(folder / RANGES_FILE))
-
-
 def build_one(files: QuantizedFiles, ranges_json: str, options: BuildOptions, name: str,
               existing: EngineManifest | None = None) -> BuiltEngine:
     """Build one engine from the quantized files (or report ``existing`` reusable: same inputs and backend)."""
+    import onnx
+
     from builder.backends.select import select_backend
-    from builder.engine.build import MODEL_FILE, RANGES_FILE, RECIPE_FILE, BuildInputs, build_engine
+    from builder.engine.build import MODEL_FILE, RANGES_FILE, RECIPE_FILE, BuildInputs, build_engine, engine_input_hash
 
     with tempfile.TemporaryDirectory(prefix="build-engine-sweep-") as tmp:
         folder = Path(tmp)
@@ -90,9 +79,11 @@ def build_one(files: QuantizedFiles, ranges_json: str, options: BuildOptions, na
         (folder / RECIPE_FILE).write_text(files.recipe_yaml, encoding="utf-8")
         (folder / RANGES_FILE).write_text(ranges_json, encoding="utf-8")
         backend = select_backend(options.backend)
-        if existing is not None and _same_inputs(existing, folder, options, backend):
+        inputs = BuildInputs.beside(folder / MODEL_FILE)
+        if existing is not None and existing.input_hash == engine_input_hash(
+                backend, inputs, onnx.load_from_string(files.model), options):
             return BuiltEngine(manifest=existing, plan=None, reused=True)
-        artifact = build_engine(BuildInputs.beside(folder / MODEL_FILE), options, name=name, backend=backend)
+        artifact = build_engine(inputs, options, name=name, backend=backend)
     return BuiltEngine(manifest=artifact.manifest, plan=artifact.plan, reused=False)
 
 

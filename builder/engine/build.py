@@ -122,7 +122,10 @@ def _plugin_records(model: onnx.ModelProto, options: BuildOptions) -> tuple[Plug
     return tuple(records[k] for k in sorted(records))
 
 
-def _input_hash(backend: EngineBackend, inputs: BuildInputs, model: onnx.ModelProto, options: BuildOptions) -> str:
+def engine_input_hash(backend: EngineBackend, inputs: BuildInputs, model: onnx.ModelProto,
+                      options: BuildOptions) -> str:
+    """The reuse key of an engine: tool and backend versions, the contents of every input file (model, external
+    data, recipe, ranges, calibration cache, plugin libraries) and the options (``manifest.input_hash``)."""
     key = {
         "tool_version": __version__,
         "backend": backend.name.value,
@@ -162,7 +165,7 @@ def build_engine(
     qdq_nodes = check_qdq(model)
     chosen = backend if backend is not None else select_backend(options.backend)
     chosen.check(model, options)
-    input_hash = _input_hash(chosen, inputs, model, options)
+    input_hash = engine_input_hash(chosen, inputs, model, options)
     logger.info("building %s with %s %s (%d Q/DQ nodes)", name, chosen.name.value, chosen.version(), qdq_nodes)
     start = time.perf_counter()
     parsed = chosen.parse(inputs.model_path, options)
@@ -241,7 +244,7 @@ def build_engine_dir(
     check_profiles_for(model, options)
     backend = select_backend(options.backend)
     if not force:
-        reused = _reusable(engine_dir, _input_hash(backend, inputs, model, options))
+        reused = _reusable(engine_dir, engine_input_hash(backend, inputs, model, options))
         if reused is not None:
             logger.info("engine %s is up to date; reusing it", engine_dir)
             return BuildOutcome(manifest=reused, engine_dir=engine_dir, reused=True)
