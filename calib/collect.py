@@ -26,11 +26,12 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from calib.artifact_io import sha256_file
+from calib import fused
 from calib.errors import CalibrationError, ConfigError, suggest
-from calib.fold import Folder
+from calib.fold import FUSED, Folder
 from calib.histogram import DEFAULT_BINS, AbsHistogram
 from calib.layout import TensorLayout, infer_layout, valid_rows
+from calib.outputs import run_unbound
 from calib.statistics import (
     DEFAULT_KINDS,
     BatchRange,
@@ -102,23 +103,27 @@ class CollectResult:
 
 
 def _load_model(model: onnx.ModelProto | Path) -> tuple[onnx.ModelProto, bytes, str]:
-    """The model, its serialized bytes and their SHA-256 (the file's hash for a path)."""
+    """The model, its serialized bytes and their SHA-256 (the file's hash for a path).
+
+    The file is read once; its hash runs on another thread while the model is parsed (hashlib releases the GIL).
+    """
     if isinstance(model, onnx.ModelProto):
         data = model.SerializeToString()
         return model, data, hashlib.sha256(data).hexdigest()
     path = Path(model)
     if not path.is_file():
         raise ConfigError(f"model file {path} does not exist")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-        if any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer):
-            proto = onnx.load(str(path))
-            data = proto.SerializeToString()
-        else:
-            data = path.read_bytes()
-    except Exception as exc:  # onnx raises DecodeError and others
-        raise CalibrationError(f"cannot read ONNX model {path}: {exc}") from exc
-    return proto, data, sha256_file(path)
+    data = path.read_bytes()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(lambda: hashlib.sha256(data).hexdigest())
+        try:
+            proto = onnx.load_from_string(data)
+            if any(init.data_location == onnx.TensorProto.EXTERNAL for init in proto.graph.initializer):
+                proto = onnx.load(str(path))
+                data = proto.SerializeToString()
+        except Exception as exc:  # onnx raises DecodeError and others
+            raise CalibrationError(f"cannot read ONNX model {path}: {exc}") from exc
+        return proto, data, digest.result()
 
 
 def instrument(model: onnx.ModelProto, model_bytes: bytes, tensors: Sequence[str]) -> bytes:
@@ -373,7 +378,8 @@ def _salvage(run: _Run, session: Any, pending: _Pending, opts: CollectOptions) -
 def _stream(run: _Run, session: Any, feeds: Iterable[Feed], opts: CollectOptions, restored: Statistics | None) -> None:
     """Run and fold every batch; batch k+1's inference overlaps folding batch k (two batches in memory)."""
     skip = restored.meta.num_batches if restored else 0
-    run_names = [n for n in run.names if n not in {i.name for i in session.get_inputs()}]
+    graph_inputs = {i.name for i in session.get_inputs()}
+    run_names = [n for n in run.names if n not in graph_inputs]
     read_digest = ""
     pending: _Pending | None = None
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -386,7 +392,7 @@ def _stream(run: _Run, session: Any, feeds: Iterable[Feed], opts: CollectOptions
                     if index == skip - 1:
                         _restore(run, restored, read_digest)
                     continue
-                started = _Pending(pool.submit(session.run, run_names, dict(feed)), feed, digest)
+                started = _Pending(pool.submit(run_unbound, session, run_names, feed), feed, digest)
                 if pending is not None:
                     run.consistent = False
                     _finish(run, session, pending, opts)
@@ -432,6 +438,8 @@ def collect_serialized(model_bytes: bytes, model_sha256: str, feeds: Iterable[Fe
 def _collect(proto: onnx.ModelProto, model_bytes: bytes, model_sha: str, feeds: Iterable[Feed],
              tensors: Sequence[str], opts: CollectOptions) -> CollectResult:
     names = tuple(dict.fromkeys(tensors))
+    if FUSED:
+        fused.warm_up()  # loads the compiled kernels while the session is built
     session = _session(proto, model_bytes, names, opts)
     run = _Run(names=names, model_sha=model_sha, options=opts, folder=Folder(opts.fold_thread_count))
     restored = _resume(opts, model_sha, names)

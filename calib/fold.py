@@ -15,11 +15,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from calib import fused
 from calib.layout import TensorLayout, token_row_max, valid_rows
 from calib.observers import Scratch, TokenRows
 from calib.statistics import TensorStatistics
 
 Mask = npt.NDArray[np.bool_]
+FUSED = fused.available()  # False: Numba is missing, every tensor takes the reference path
 
 
 class Folder:
@@ -53,11 +55,13 @@ class Folder:
         if sum(map(len, self.groups)) != len(outputs):
             self._partition(outputs)
 
+        masks = fused.BatchMasks(mask)
+
         def work(group: int) -> None:
             for index in self.groups[group]:
                 name = names[index]
                 observe(stats[name], layouts[name], outputs[index], mask, ids, batch=batch,
-                        scratch=self.scratch[group])
+                        scratch=self.scratch[group], masks=masks)
 
         if self.pool is None:
             work(0)
@@ -73,9 +77,14 @@ class Folder:
 
 
 def observe(stats: TensorStatistics, layout: TensorLayout, value: npt.NDArray[Any], mask: Mask | None,
-            ids: npt.NDArray[Any] | None, *, batch: int, scratch: Scratch | None = None) -> None:
-    """Fold one tensor of one batch (padding excluded) into its observers."""
+            ids: npt.NDArray[Any] | None, *, batch: int, scratch: Scratch | None = None,
+            masks: fused.BatchMasks | None = None) -> None:
+    """Fold one tensor of one batch (padding excluded) into its observers: the fused kernels (calib.fused) when
+    they apply, else the reference path (valid rows, then each observer)."""
     x = np.asarray(value, dtype=np.float32)
+    if FUSED and fused.fusable(stats, layout, x, mask) and fused.fold(stats, layout, x, masks or fused.BatchMasks(mask),
+                                                                       ids):
+        return
     token_ids = None if stats.tokens is None else ids
     rows, row_ids = valid_rows(x, layout, mask, token_ids)
     reduced = token_row_max(x, layout, mask, token_ids)

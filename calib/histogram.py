@@ -134,16 +134,27 @@ class AbsHistogram:
         if abs_values.size == 0:
             return
         top = float(abs_values.max()) if abs_max is None else float(abs_max)
-        if top == 0.0 and self.exponent is None:
-            self.pending_zeros += int(abs_values.size)
+        exponent = self.prepare(top, int(abs_values.size))
+        if exponent is None:
             return
+        self.add_counted(np.bincount(ceil_indices(abs_values, exponent, overwrite=overwrite, out=scratch)))
+
+    def prepare(self, top: float, size: int) -> int | None:
+        """Widen the grid for a batch of ``size`` values whose largest |x| is ``top``; the bin exponent to count
+        them with, or None when they are all zeros seen before any width (counted here as pending zeros)."""
+        if top == 0.0 and self.exponent is None:
+            self.pending_zeros += size
+            return None
         if top > 0.0:
             needed = fit_exponent(top, self.bins)
             if self.exponent is None or needed > self.exponent:
                 self.coarsen_to(needed)
         assert self.exponent is not None
-        # counted[c] = values with ceil(|x|/w) == c: bin c-1 for c >= 1, and the exact zeros (c == 0) in bin 0
-        counted = np.bincount(ceil_indices(abs_values, self.exponent, overwrite=overwrite, out=scratch))
+        return self.exponent
+
+    def add_counted(self, counted: Counts) -> None:
+        """Add ``counted[c]``, the number of values with ceil(|x| / width) == c: bin c - 1 for c >= 1, and the
+        exact zeros (c == 0) in bin 0."""
         used = max(len(counted) - 1, 1)
         if used > self.bins:
             raise CalibrationError("histogram bin index beyond the declared grid: the maximum passed was too small")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import numpy.typing as npt
@@ -160,6 +161,10 @@ def entropy_divergences(counts: npt.ArrayLike, *, levels: int = ENTROPY_QUANTIZE
         return candidates, np.zeros(0, dtype=np.float64)
     prefix = _Prefix.of(bins)
     out = np.empty(candidates.size, dtype=np.float64)
+    kernels = _range_kernels()
+    if kernels is not None:
+        kernels.entropy_scores(bins, prefix.cum, prefix.cum_nz, prefix.cum_blogb, candidates, levels, out)
+        return candidates, out
     for lo in range(0, candidates.size, _CHUNK):
         out[lo:lo + _CHUNK] = _kl_for(prefix, bins, candidates[lo:lo + _CHUNK], levels)
     return candidates, out
@@ -194,11 +199,13 @@ def amax_entropy(counts: npt.ArrayLike, bin_width: float, *, stride: int = 1) ->
 
 
 def amax_mse(counts: npt.ArrayLike, bin_width: float, *, start_bin: int = MSE_START_BIN,
-             max_candidates: int = 1024) -> float:
+             max_candidates: int = 1024, levels: int = 127) -> float:
     """The bin centre amax minimising sum_j counts_j * (c_j - dq(q(c_j)))^2 over bin centres c_j.
 
     Candidates are bin centres from ``start_bin`` on (strided so at most ``max_candidates`` are tried);
-    q uses scale amax/127, round half to even and clamp to 127 (the |x| histogram is symmetric).
+    q uses scale amax/``levels``, round half to even and clamp to ``levels`` (the |x| histogram is symmetric;
+    127 for INT8). Scores come from the compiled loop (calib.range_kernels) when Numba is present; candidates
+    within a relative 1e-9 of the best are rescored term by term, so the choice is that of the direct formula.
     """
     c = _counts(counts)
     n = len(c)
@@ -206,14 +213,33 @@ def amax_mse(counts: npt.ArrayLike, bin_width: float, *, start_bin: int = MSE_ST
     first = min(start_bin, n - 1)
     stride = max(1, math.ceil((n - first) / max_candidates))
     candidates = centers[first::stride]
+    kernels = _range_kernels()
+    if kernels is None:
+        return _positive(float(candidates[int(np.argmin(_mse_direct(c, centers, candidates, levels)))]), "mse")
+    scores = np.empty(candidates.size, dtype=np.float64)
+    kernels.mse_scores(c, float(bin_width), candidates, levels, scores)
+    near = np.nonzero(scores <= scores.min() * (1.0 + 1e-9))[0]
+    exact = _mse_direct(c, centers, candidates[near], levels)
+    return _positive(float(candidates[near[int(np.argmin(exact))]]), "mse")
+
+
+def _mse_direct(c: F64, centers: F64, candidates: F64, levels: int) -> F64:
+    """The MSE score of each candidate amax, bin by bin (the reference form)."""
     used = c > 0
     cu, xu = c[used], centers[used]
     errors = np.empty(candidates.size, dtype=np.float64)
     step = max(1, (1 << 22) // max(1, xu.size))
     for lo in range(0, candidates.size, step):
-        amax = candidates[lo:lo + step, None]
-        scale = amax / 127.0
-        dq = np.minimum(np.rint(xu[None, :] / scale), 127.0) * scale
+        scale = candidates[lo:lo + step, None] / levels
+        dq = np.minimum(np.rint(xu[None, :] / scale), levels) * scale
         errors[lo:lo + step] = ((dq - xu[None, :]) ** 2 * cu[None, :]).sum(axis=1)
-    best = int(np.argmin(errors))
-    return _positive(float(candidates[best]), "mse")
+    return errors
+
+
+def _range_kernels() -> ModuleType | None:
+    """calib.range_kernels, or None without Numba (the NumPy forms run instead)."""
+    try:
+        from calib import range_kernels
+    except ImportError:
+        return None
+    return range_kernels

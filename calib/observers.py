@@ -257,9 +257,10 @@ class DimRangeObserver:
         if view.rows.shape[0] == 0:
             return
         lo, hi = view.dim_range
-        self._fold(lo.astype(np.float64), hi.astype(np.float64))
+        self.update_ranges(lo.astype(np.float64), hi.astype(np.float64))
 
-    def _fold(self, lo: F64, hi: F64) -> None:
+    def update_ranges(self, lo: F64, hi: F64) -> None:
+        """Fold one batch's per-dimension minima and maxima."""
         if self.dim_min is None or self.dim_max is None:
             self.dim_min, self.dim_max = lo.copy(), hi.copy()
             return
@@ -273,7 +274,7 @@ class DimRangeObserver:
 
     def merge(self, other: DimRangeObserver) -> DimRangeObserver:
         if other.dim_min is not None and other.dim_max is not None:
-            self._fold(other.dim_min, other.dim_max)
+            self.update_ranges(other.dim_min, other.dim_max)
         return self
 
     @property

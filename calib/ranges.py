@@ -11,12 +11,16 @@ One Statistics serves every method and every recipe: nothing here runs the model
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 from calib import methods
 from calib.errors import CalibrationError, ConfigError
 from calib.range_table import RangeMethod, RangeTable, TensorRange
 from calib.schema import Schema
 from calib.statistics import Statistics, TensorStatistics
+
+_HISTOGRAM_SEARCHES = (RangeMethod.ENTROPY, RangeMethod.MSE)  # methods that score every candidate threshold
 
 
 class RangeSpec(Schema, frozen=True, kw_only=True):
@@ -75,7 +79,12 @@ def tensor_range(stats: TensorStatistics, spec: RangeSpec) -> TensorRange:
 
 
 def range_table(statistics: Statistics, spec: RangeSpec, *, model_name: str) -> RangeTable:
-    """The RangeTable view of ``statistics`` under one range method."""
+    """The RangeTable view of ``statistics`` under one range method (tensors decided on one thread per core: the
+    histogram methods' loops release the GIL)."""
+    names = list(statistics.tensors)
+    workers = max(1, min(2, os.cpu_count() or 1)) if spec.method in _HISTOGRAM_SEARCHES else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        ranges = list(pool.map(lambda name: tensor_range(statistics.tensors[name], spec), names))
     return RangeTable(model_name=model_name, model_sha256=statistics.meta.model_sha256,
                       num_samples=statistics.samples, data_source=statistics.meta.data_source,
-                      ranges={name: tensor_range(statistics.tensors[name], spec) for name in statistics.tensors})
+                      ranges=dict(zip(names, ranges, strict=True)))

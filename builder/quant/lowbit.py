@@ -16,7 +16,6 @@ is an INT8 (128-level) criterion and is not offered.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -24,6 +23,7 @@ import numpy.typing as npt
 
 from builder.quant.base import ActivationQuantizer, EdgeContext, Placement
 from builder.quant.static import check_range, decided_amax
+from calib import methods
 from calib.errors import BuildError, CalibrationError, ConfigError
 from calib.quant import fake_quantize
 from calib.schema import Schema
@@ -79,17 +79,7 @@ def amax_mse_levels(counts: npt.ArrayLike, bin_width: float, levels: int, *, max
     c = np.asarray(counts, dtype=np.float64)
     if c.ndim != 1 or c.size == 0 or not c.sum() > 0 or not bin_width > 0:
         raise CalibrationError("the mse range needs a non-empty |x| histogram")
-    centers = (np.arange(c.size, dtype=np.float64) + 0.5) * bin_width
-    candidates = centers[:: max(1, math.ceil(c.size / max_candidates))]
-    used = c > 0
-    cu, xu = c[used], centers[used]
-    errors = np.empty(candidates.size, dtype=np.float64)
-    step = max(1, (1 << 22) // max(1, xu.size))
-    for lo in range(0, candidates.size, step):
-        scale = candidates[lo:lo + step, None] / levels
-        dq = np.minimum(np.rint(xu[None, :] / scale), levels) * scale
-        errors[lo:lo + step] = ((dq - xu[None, :]) ** 2 * cu[None, :]).sum(axis=1)
-    return float(candidates[int(np.argmin(errors))])
+    return methods.amax_mse(c, bin_width, start_bin=0, max_candidates=max_candidates, levels=levels)
 
 
 class LowBitQuantizer(ActivationQuantizer[LowBitConfig, LowBitParams]):

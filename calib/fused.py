@@ -1,0 +1,217 @@
+"""Calibration stage: the fused fold of one tensor into its default observers (compiled with Numba).
+
+The reference fold (calib.fold.observe -> calib.observers) extracts the valid rows and lets each observer
+reduce them with NumPy: some ten passes over every activation. Here one compiled pass reads the activation
+in place, padding skipped by its row and column masks, and produces exactly the same observer states:
+
+    per valid element:  per-column min and max        -> minmax (min, max, count), dims (column ranges)
+                        per-row max|x|                -> tokens (row maxima by token id)
+                        ceil(|x| / 2**e) counted       -> histogram, on the grid of the batches before
+                        a non-finite flag              -> the batch takes the reference path instead
+
+The histogram is counted on the grid the earlier batches fixed; when this batch's largest |x| widens the grid
+(the first batch, and rarely later), a second pass counts it again on the new grid. Every result is a minimum,
+a maximum or an integer count, so the order of the loops changes no bit, and the bin index is the reference's
+float product (a power-of-two scaling, exact) and its ceiling. Batches with non-finite values or attention-mask
+sentinels (rare: only mask-carrying tensors) and tensors with further observer kinds (the on-demand Hessian
+and SPARQ passes) take the reference path, which names and counts them.
+
+    layout                      x as [B, M, K]          row mask [B, M]          column mask [B, K]
+    features last [B, S, D]     [1, B*S, D]             token positions          all (D features)
+    key axis last [B, H, S, S]  [B, H*S, S]             query positions          key positions
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from calib.histogram import AbsHistogram, fit_exponent
+from calib.layout import TensorLayout
+from calib.observers import MASK_SENTINEL, DimRangeObserver, HistogramObserver, MinMaxObserver, TokenObserver
+from calib.statistics import TensorStatistics
+
+F32 = npt.NDArray[np.float32]
+U32 = npt.NDArray[np.uint32]
+I64 = npt.NDArray[np.int64]
+Mask = npt.NDArray[np.bool_]
+
+FUSED_KINDS = frozenset({"minmax", "dims", "tokens", "histogram"})
+_kernels: dict[str, Any] = {}
+_warming: list[threading.Thread] = []
+
+
+def _compile() -> dict[str, Any]:
+    """The Numba kernels (calib.fused_kernels: compiled on first use, or loaded from Numba's disk cache)."""
+    if not _kernels:
+        from calib import fused_kernels
+
+        _kernels.update(features=fused_kernels.features, masked=fused_kernels.masked,
+                        histogram=fused_kernels.histogram)
+    return _kernels
+
+
+def warm_up() -> None:
+    """Load the kernels (Numba's disk cache, or a compile on the first run) on a background thread, with the
+    argument types the fold passes, so that a collector's first fold finds them ready."""
+    if not _warming:
+        _warming.append(threading.Thread(target=_exercise, name="fused-warm-up", daemon=True))
+        _warming[0].start()
+
+
+def _exercise() -> None:
+    kernels = _compile()
+    x = np.zeros((1, 1, 4), dtype=np.float32)
+    keep, lo, hi = np.ones((1, 1), dtype=bool), np.zeros(4, dtype=np.float32), np.zeros(4, dtype=np.float32)
+    cols = np.ones((1, 4), dtype=bool)
+    for factor in (np.float32(1.0), np.float64(1.0)):
+        for counted in (np.zeros(0, dtype=np.int64), np.zeros(6, dtype=np.int64)):
+            kernels["features"](x[0], keep[0], lo, hi, np.zeros(1, dtype=np.uint32), factor, counted)
+            kernels["masked"](x, keep, cols, lo, hi, factor, counted)
+        kernels["histogram"](x, keep, cols, factor, np.zeros(6, dtype=np.int64))
+
+
+def available() -> bool:
+    """True when Numba can be imported (the reference path runs otherwise)."""
+    try:
+        _compile()
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class BatchMasks:
+    """One batch's attention mask [B, S] and the row and column masks derived from it, per layout and shape
+    (shared by the tensors of the batch)."""
+
+    mask: Mask | None
+    _cache: dict[tuple[TensorLayout, tuple[int, ...]], tuple[Mask, Mask | None]] = field(default_factory=dict)
+
+    def get(self, layout: TensorLayout, shape: tuple[int, ...]) -> tuple[Mask, Mask | None]:
+        """(rows [B, M], columns [B, K] or None when every column counts) for a tensor of ``shape``."""
+        key = (layout, shape)
+        if key not in self._cache:
+            self._cache[key] = self._derive(layout, shape)
+        return self._cache[key]
+
+    def _derive(self, layout: TensorLayout, shape: tuple[int, ...]) -> tuple[Mask, Mask | None]:
+        lead = shape[:-1]
+        mask = self.mask
+        if mask is None:
+            return np.ones((1, math.prod(lead)), dtype=bool), None
+        if layout.flattened:
+            flat = mask.reshape((-1,) + (1,) * (len(lead) - 1))
+            return np.ascontiguousarray(np.broadcast_to(flat, lead)).reshape(1, -1), None
+        axes = [a for a in layout.token_axes if a not in (-1, len(shape) - 1)]
+        keep = np.ones(lead, dtype=bool)
+        for axis in axes:
+            view = [1] * len(lead)
+            view[0], view[axis] = mask.shape
+            keep &= mask.reshape(view)
+        if layout.has_dims:
+            return keep.reshape(1, -1), None
+        return keep.reshape(shape[0], -1), np.ascontiguousarray(mask)
+
+
+def fusable(stats: TensorStatistics, layout: TensorLayout, x: npt.NDArray[Any], mask: Mask | None) -> bool:
+    """Whether :func:`fold` handles this tensor (else the reference path folds it)."""
+    if not stats.observers.keys() <= FUSED_KINDS or x.ndim < 2 or x.dtype != np.float32 or not x.flags.c_contiguous:
+        return False
+    if mask is None or not (layout.token_axes or layout.flattened):
+        return True
+    if layout.flattened:
+        return bool(x.shape[0] == mask.size)
+    return x.shape[0] == mask.shape[0] and all(x.shape[a] == mask.shape[1] for a in layout.token_axes)
+
+
+def _grid(hist: HistogramObserver | None) -> tuple[Any, I64]:
+    """The bin factor 2**-e of the histogram's current grid and zeroed counts [bins + 2] (empty: nothing to count
+    yet, or no histogram). Slot 0 counts padding, slot c + 1 the values with ceil(|x| / 2**e) == c for c < bins,
+    and the last slot c >= bins (exactly c == bins unless the batch widens the grid, which recounts)."""
+    if hist is None or hist.histogram.exponent is None:
+        return np.float32(1.0), np.zeros(0, dtype=np.int64)
+    return _factor(hist.histogram.exponent), np.zeros(hist.histogram.bins + 2, dtype=np.int64)
+
+
+def _factor(exponent: int) -> Any:
+    """2**-exponent as calib.histogram.ceil_indices multiplies by it (float32 when that is a normal float32)."""
+    return (np.float32 if -126 <= -exponent <= 127 else np.float64)(math.ldexp(1.0, -exponent))
+
+
+def fold(stats: TensorStatistics, layout: TensorLayout, x: F32, masks: BatchMasks,
+         ids: npt.NDArray[Any] | None) -> bool:
+    """Fold one batch of tensor ``x`` into ``stats``; False (nothing changed) when the batch has non-finite values
+    or mask sentinels, which the reference path then handles. Requires :func:`fusable`."""
+    kernels = _compile()
+    rows, cols = masks.get(layout, x.shape)
+    hist: HistogramObserver | None = stats.observers.get("histogram")
+    factor, counted = _grid(hist)
+    lo = np.full(x.shape[-1], np.inf, dtype=np.float32)
+    hi = np.full(x.shape[-1], -np.inf, dtype=np.float32)
+    row_max = None
+    if cols is None:
+        x3 = x.reshape(1, -1, x.shape[-1])
+        row_max = np.zeros(rows.shape[1], dtype=np.uint32)
+        bad = kernels["features"](x3[0], rows[0], lo, hi, row_max, factor, counted)
+        size = int(np.count_nonzero(rows)) * x.shape[-1]
+        cols = np.ones((1, x.shape[-1]), dtype=bool)
+    else:
+        x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+        bad = kernels["masked"](x3, rows, cols, lo, hi, factor, counted)
+        size = int((rows.sum(axis=1) * cols.sum(axis=1)).sum())
+    if size == 0:
+        return True
+    low, high = float(lo.min()), float(hi.max())
+    if bad or low <= MASK_SENTINEL:
+        return False
+    _commit_ranges(stats, lo, hi, low, high, size)
+    if row_max is not None and masks.mask is not None:
+        _commit_tokens(stats, layout, row_max, masks.mask, ids, x.shape)
+    if hist is not None:
+        _commit_histogram(hist.histogram, (x3, rows, cols), max(-low, high), size, counted)
+    return True
+
+
+def _commit_ranges(stats: TensorStatistics, lo: F32, hi: F32, low: float, high: float, size: int) -> None:
+    minmax: MinMaxObserver | None = stats.observers.get("minmax")
+    if minmax is not None:
+        minmax.minimum, minmax.maximum = min(minmax.minimum, low), max(minmax.maximum, high)
+        minmax.count += size
+    dims: DimRangeObserver | None = stats.observers.get("dims")
+    if dims is not None:
+        dims.update_ranges(lo.astype(np.float64), hi.astype(np.float64))
+
+
+def _commit_tokens(stats: TensorStatistics, layout: TensorLayout, row_max: U32, mask: Mask,
+                   ids: npt.NDArray[Any] | None, shape: tuple[int, ...]) -> None:
+    """Row maxima reduced over the lead axes other than batch and token (heads) to one per valid position."""
+    tokens: TokenObserver | None = stats.observers.get("tokens")
+    if tokens is None or ids is None or len(layout.token_axes) != 1 or layout.flattened:
+        return
+    token = layout.token_axes[0]
+    per_row = row_max.view(np.float32).reshape(shape[:-1])
+    groups = tuple(a for a in range(1, len(shape) - 1) if a != token)
+    per_position = per_row.max(axis=groups) if groups else per_row
+    repeats = math.prod(shape[a] for a in groups)
+    tokens.update_rows(per_position[mask], np.asarray(ids)[mask], repeats=repeats)
+
+
+def _commit_histogram(hist: AbsHistogram, data: tuple[F32, Mask, Mask], top: float, size: int,
+                      counted: I64) -> None:
+    """Add the batch's counts: those of the single pass when the grid held, else a recount on the wider grid."""
+    before = hist.exponent
+    widens = top > 0.0 and (before is None or fit_exponent(top, hist.bins) > before)
+    exponent = hist.prepare(top, size)
+    if exponent is None:
+        return
+    if widens or not counted.shape[0]:
+        counted = np.zeros(hist.bins + 2, dtype=np.int64)
+        _compile()["histogram"](*data, _factor(exponent), counted)
+    total = counted[1:]  # total[c]: values with ceil(|x| / width) == c (slot 0 counted padding)
+    hist.add_counted(total[: int(np.flatnonzero(total)[-1]) + 1])
