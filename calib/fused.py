@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from calib.errors import CalibrationError
 from calib.histogram import AbsHistogram, fit_exponent
 from calib.layout import TensorLayout
 from calib.observers import MASK_SENTINEL, DimRangeObserver, HistogramObserver, MinMaxObserver, TokenObserver
@@ -52,7 +53,7 @@ def _compile() -> dict[str, Any]:
         from calib import fused_kernels
 
         _kernels.update(features=fused_kernels.features, masked=fused_kernels.masked,
-                        histogram=fused_kernels.histogram)
+                        histogram=fused_kernels.histogram, tokens=fused_kernels.tokens)
     return _kernels
 
 
@@ -74,6 +75,8 @@ def _exercise() -> None:
             kernels["features"](x[0], keep[0], lo, hi, np.zeros(1, dtype=np.uint32), factor, counted)
             kernels["masked"](x, keep, cols, lo, hi, factor, counted)
         kernels["histogram"](x, keep, cols, factor, np.zeros(6, dtype=np.int64))
+    kernels["tokens"](np.zeros((1, 1, 1), dtype=np.float32), keep, np.zeros((1, 1), dtype=np.int64),
+                      np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float64), 1)
 
 
 def available() -> bool:
@@ -92,6 +95,25 @@ class BatchMasks:
 
     mask: Mask | None
     _cache: dict[tuple[TensorLayout, tuple[int, ...]], tuple[Mask, Mask | None]] = field(default_factory=dict)
+    _ones: dict[int, Mask] = field(default_factory=dict)
+    _ids: tuple[I64, int] | None = None
+
+    def every(self, width: int) -> Mask:
+        """A [1, width] all-true column mask."""
+        if width not in self._ones:
+            self._ones[width] = np.ones((1, width), dtype=bool)
+        return self._ones[width]
+
+    def valid_ids(self, ids: npt.NDArray[Any]) -> tuple[I64, int] | None:
+        """The batch's token ids as int64 [B, S] and the largest at a valid position (None: no valid position).
+
+        Raises CalibrationError for a negative id at a valid position (as the token observer does)."""
+        if self._ids is None and self.mask is not None and self.mask.any():
+            valid = np.asarray(ids)[self.mask]
+            if int(valid.min()) < 0:
+                raise CalibrationError(f"token ids must be non-negative, got {int(valid.min())}")
+            self._ids = np.ascontiguousarray(ids, dtype=np.int64), int(valid.max())
+        return self._ids
 
     def get(self, layout: TensorLayout, shape: tuple[int, ...]) -> tuple[Mask, Mask | None]:
         """(rows [B, M], columns [B, K] or None when every column counts) for a tensor of ``shape``."""
@@ -158,21 +180,20 @@ def fold(stats: TensorStatistics, layout: TensorLayout, x: F32, masks: BatchMask
     if cols is None:
         x3 = x.reshape(1, -1, x.shape[-1])
         row_max = np.zeros(rows.shape[1], dtype=np.uint32)
-        bad = kernels["features"](x3[0], rows[0], lo, hi, row_max, factor, counted)
-        size = int(np.count_nonzero(rows)) * x.shape[-1]
-        cols = np.ones((1, x.shape[-1]), dtype=bool)
+        bad, kept, low, high = kernels["features"](x3[0], rows[0], lo, hi, row_max, factor, counted)
+        size = kept * x.shape[-1]
+        cols = masks.every(x.shape[-1])
     else:
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])
-        bad = kernels["masked"](x3, rows, cols, lo, hi, factor, counted)
-        size = int((rows.sum(axis=1) * cols.sum(axis=1)).sum())
+        bad, size, low, high = kernels["masked"](x3, rows, cols, lo, hi, factor, counted)
     if size == 0:
         return True
-    low, high = float(lo.min()), float(hi.max())
+    low, high = float(low), float(high)
     if bad or low <= MASK_SENTINEL:
         return False
     _commit_ranges(stats, lo, hi, low, high, size)
-    if row_max is not None and masks.mask is not None:
-        _commit_tokens(stats, layout, row_max, masks.mask, ids, x.shape)
+    if row_max is not None and masks.mask is not None and ids is not None:
+        _commit_tokens(stats, layout, row_max, masks, ids, x.shape)
     if hist is not None:
         _commit_histogram(hist.histogram, (x3, rows, cols), max(-low, high), size, counted)
     return True
@@ -188,18 +209,20 @@ def _commit_ranges(stats: TensorStatistics, lo: F32, hi: F32, low: float, high: 
         dims.update_ranges(lo.astype(np.float64), hi.astype(np.float64))
 
 
-def _commit_tokens(stats: TensorStatistics, layout: TensorLayout, row_max: U32, mask: Mask,
-                   ids: npt.NDArray[Any] | None, shape: tuple[int, ...]) -> None:
+def _commit_tokens(stats: TensorStatistics, layout: TensorLayout, row_max: U32, masks: BatchMasks,
+                   ids: npt.NDArray[Any], shape: tuple[int, ...]) -> None:
     """Row maxima reduced over the lead axes other than batch and token (heads) to one per valid position."""
     tokens: TokenObserver | None = stats.observers.get("tokens")
-    if tokens is None or ids is None or len(layout.token_axes) != 1 or layout.flattened:
+    if tokens is None or len(layout.token_axes) != 1 or layout.flattened or masks.mask is None:
+        return
+    valid_ids = masks.valid_ids(ids)
+    if valid_ids is None:
         return
     token = layout.token_axes[0]
-    per_row = row_max.view(np.float32).reshape(shape[:-1])
-    groups = tuple(a for a in range(1, len(shape) - 1) if a != token)
-    per_position = per_row.max(axis=groups) if groups else per_row
-    repeats = math.prod(shape[a] for a in groups)
-    tokens.update_rows(per_position[mask], np.asarray(ids)[mask], repeats=repeats)
+    per_row = np.moveaxis(row_max.view(np.float32).reshape(shape[:-1]), token, -1)
+    groups = per_row.reshape(shape[0], -1, shape[token])
+    tokens.reserve(valid_ids[1] + 1)
+    _compile()["tokens"](groups, masks.mask, valid_ids[0], tokens.dense_counts, tokens.dense_max, groups.shape[1])
 
 
 def _commit_histogram(hist: AbsHistogram, data: tuple[F32, Mask, Mask], top: float, size: int,
@@ -213,5 +236,6 @@ def _commit_histogram(hist: AbsHistogram, data: tuple[F32, Mask, Mask], top: flo
     if widens or not counted.shape[0]:
         counted = np.zeros(hist.bins + 2, dtype=np.int64)
         _compile()["histogram"](*data, _factor(exponent), counted)
-    total = counted[1:]  # total[c]: values with ceil(|x| / width) == c (slot 0 counted padding)
-    hist.add_counted(total[: int(np.flatnonzero(total)[-1]) + 1])
+    # counted[c + 1]: values with ceil(|x| / width) == c (slot 0 counted padding); the largest c is the top's
+    last = int(np.ceil(type(factor := _factor(exponent))(top) * factor))
+    hist.add_counted(counted[1: last + 2])

@@ -309,7 +309,8 @@ class TokenObserver:
     dense_counts: I64 = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     dense_max: F64 = field(default_factory=lambda: np.zeros(0, dtype=np.float64))
 
-    def _ensure(self, size: int) -> None:
+    def reserve(self, size: int) -> None:
+        """Grow the dense arrays to hold ids below ``size``."""
         if size > self.dense_counts.size:
             grow = size - self.dense_counts.size
             self.dense_counts = np.concatenate([self.dense_counts, np.zeros(grow, dtype=np.int64)])
@@ -329,13 +330,13 @@ class TokenObserver:
         ids = ids.astype(np.int64, copy=False)
         if int(ids.min()) < 0:
             raise CalibrationError(f"token ids must be non-negative, got {int(ids.min())}")
-        self._ensure(int(ids.max()) + 1)
+        self.reserve(int(ids.max()) + 1)
         counts = np.bincount(ids, minlength=self.dense_counts.size)
         self.dense_counts += counts if repeats == 1 else counts * repeats
         np.maximum.at(self.dense_max, ids, row_abs_max.astype(np.float64, copy=False))
 
     def merge(self, other: TokenObserver) -> TokenObserver:
-        self._ensure(other.dense_counts.size)
+        self.reserve(other.dense_counts.size)
         n = other.dense_counts.size
         self.dense_counts[:n] += other.dense_counts
         np.maximum(self.dense_max[:n], other.dense_max, out=self.dense_max[:n])
@@ -362,7 +363,7 @@ class TokenObserver:
     def from_state(cls, state: State) -> TokenObserver:
         ids = np.asarray(state["token_ids"], dtype=np.int64)
         observer = cls()
-        observer._ensure(int(ids.max()) + 1 if ids.size else 0)
+        observer.reserve(int(ids.max()) + 1 if ids.size else 0)
         observer.dense_counts[ids] = np.asarray(state["token_counts"], dtype=np.int64)
         observer.dense_max[ids] = np.asarray(state["token_max_abs"], dtype=np.float64)
         return observer
