@@ -276,8 +276,8 @@ def test_gemm_depths_follow_the_blocks(bert: Toy) -> None:
 @pytest.mark.parametrize("activation", [StaticConfig(), CenteredConfig()])
 def test_gpfq_weights_are_gpfq_of_the_final_models_own_inputs(bert: Toy, activation: Schema) -> None:
     """X~ of a GEMM depends only on the GEMMs above it, so the staged result is a fixed point: every weight equals
-    GPFQ run on the inputs that the *final* quantized model feeds it (a centered input: the GEMM's input plus the
-    offset folded into its bias), paired with the FP32 model's."""
+    GPFQ run on the inputs that the *final* quantized model computes for it, before the GEMM's own input
+    quantizer (a centered input: plus the offset folded into its bias), paired with the FP32 model's."""
     result = quantize(bert.model, bert.report, _recipe(activation, GpfqConfig(bits=4)), bert.statistics,
                       feeds=bert.feeds)
     offsets = {a.tensor: float(getattr(a.params, "offset", 0.0)) for a in result.plan.activations}
@@ -286,6 +286,11 @@ def test_gpfq_weights_are_gpfq_of_the_final_models_own_inputs(bert: Toy, activat
     for w in result.plan.weights:
         node = next(n for n in lowered.graph.node if n.name == w.node)
         xq_name = node.input[[*next(n for n in bert.model.graph.node if n.name == w.node).input].index(w.input)]
+        producers = {out: n for n in lowered.graph.node for out in n.output}
+        assert producers[xq_name].op_type == "DequantizeLinear"  # the GEMM's own input quantizer
+        quantize_node = producers[producers[xq_name].input[0]]
+        assert quantize_node.op_type == "QuantizeLinear"
+        xq_name = quantize_node.input[0]
         pairs = GpfqObserver(weights[w.weight].shape[0])
         for feed in bert.feeds:
             mask = feed["attention_mask"].astype(bool)
