@@ -86,8 +86,9 @@ def add_weight_arguments(group: argparse._ArgumentGroup) -> None:
                             "the recipe's")
     group.add_argument("--weight-scale", choices=("max", "mse"),
                        help="weight scales: max or mse (default: the recipe's)")
-    group.add_argument("--act-order", action="store_true",
-                       help="optq/gpfq: visit inputs by descending Hessian diagonal")
+    group.add_argument("--act-order", action=argparse.BooleanOptionalAction,
+                       help="optq/gpfq: visit inputs by descending Hessian diagonal (default: on for optq, off for "
+                            "gpfq)")
     group.add_argument("--percdamp", type=float, help="optq: Hessian damping, a share of its mean diagonal (0.01)")
     group.add_argument("--accumulator-bits", type=int, metavar="P",
                        help="optq/gpfq with AXE: no input in range overflows a signed P-bit accumulator")
@@ -143,6 +144,7 @@ class WeightFlags:
 
 
 _INHERITED = ("bits", "block", "scale")
+_SWITCHES = ("axe_strict_only",)  # store_true flags: absent is False, not a choice
 
 
 def weight_flags(args: argparse.Namespace) -> WeightFlags | None:
@@ -151,7 +153,7 @@ def weight_flags(args: argparse.Namespace) -> WeightFlags | None:
     from calib.errors import ConfigError
 
     given = {flag: getattr(args, flag) for flag in _WEIGHT_FLAGS
-             if getattr(args, flag, None) is not None and getattr(args, flag) is not False}
+             if getattr(args, flag, None) is not None and not (flag in _SWITCHES and getattr(args, flag) is False)}
     method = getattr(args, "weights", None)
     weight_only = bool(getattr(args, "weight_only", False))
     if method is None:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from builder.quant.base import WeightContext
-from builder.quant.weight_common import AxeOptions, CalibWeightQuantizer
+from builder.quant.weight_common import AxeOptions, CalibWeightQuantizer, ScaleName
 from calib.errors import CalibrationError, ConfigError
 from calib.weights import OptqConfig as CalibOptqConfig
 from calib.weights import QuantizedWeight as KnWeight
@@ -37,12 +37,18 @@ HESSIAN_KIND = "hessian"
 class OptqConfig(AxeOptions, frozen=True, kw_only=True):
     """OPTQ options (plus ``bits``, ``block``, ``scale``, ``act_order`` and the AXE options of AxeOptions).
 
+    Defaults differ from round-to-nearest's: ``act_order`` on and ``scale`` ``mse``. At 4 bits they are what makes
+    OPTQ worth its pass (MiniLM W4A16 g128 cosine 0.9785 -> 0.9857, W4A8 0.9581 -> 0.9754; SmolLM2 W4A16 g64
+    perplexity +37% -> +15% over FP32); at 8 bits they change nothing measurable (W8A8 0.9929 -> 0.9930).
+
     ``percdamp``: damping percdamp * mean(diag H), 0..10 (default 0.01). ``lazy_block``: inputs per lazy batch
     update (128). ``static_scales``: with a ``block``, fix every block's scale from the float weight before the
     pass (otherwise each block's scale is taken from the updated weights when the pass reaches it); always on
     with ``act_order`` or AXE, which need every scale up front.
     """
 
+    act_order: bool = True
+    scale: ScaleName = "mse"
     percdamp: float = 0.01
     lazy_block: int = 128
     static_scales: bool = False

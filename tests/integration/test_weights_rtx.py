@@ -2,8 +2,8 @@
 
 * W8A8 and W4A8: ``int8-gemm`` with 8-bit (or 4-bit) weights per output channel, stored as INT8 codes in
   [-127, 127] (or [-7, 7]) behind per-channel DequantizeLinear (the W8A8 form; WnA8 engines);
-* W4A16: weight-only GEMMs (activation quantizer ``none``) with INT4 weights in blocks of 128 inputs behind
-  block-wise DequantizeLinear at opset 21, the form of TensorRT's weight-only INT4 GEMMs.
+* W4A16: weight-only GEMMs (activation quantizer ``none``) with INT4 weights in blocks of 128 (and 32) inputs
+  behind block-wise DequantizeLinear at opset 21, the form of TensorRT's weight-only INT4 GEMMs.
 
 RTN weights (no extra calibration pass): the storage is what the builder sees, whichever quantizer chose the
 codes. Each graph is also run in ONNX Runtime on a few held-out sentences against FP32.
@@ -48,6 +48,7 @@ def _embeddings(model: onnx.ModelProto, minilm_onnx: Path) -> np.ndarray:
     ("w8a8-int8-per-channel", False, RtnConfig(bits=8)),
     ("w4a8-int8-per-channel", False, RtnConfig(bits=4)),
     ("w4a16-int4-block128", True, RtnConfig(bits=4, block=128)),
+    ("w4a16-int4-block32", True, RtnConfig(bits=4, block=32)),  # the finer blocks a small decoder needs
 ])
 def test_minilm_weight_forms_build_with_tensorrt_rtx(minilm_onnx: Path, minilm_statistics: Any, tmp_path: Path,
                                                      form: str, weight_only: bool, weight: RtnConfig) -> None:

@@ -39,7 +39,7 @@ from builder.weights.staged import depths
 from calib.errors import CalibrationError, ConfigError, InternalError
 from calib.schema import Schema
 from calib.statistics import Statistics, TensorStatistics
-from calib.weights import GpfqObserver, optq
+from calib.weights import GpfqObserver, ScaleMethod, optq
 from calib.weights import OptqConfig as CalibOptqConfig
 from tests.toygraphs import bert_block_model, gpt_block_model
 
@@ -232,7 +232,7 @@ def test_optq_reads_the_input_hessian_collected_in_a_second_pass(bert: Toy) -> N
     hessian = joined.get(edge.input).get("hessian").matrix()
     np.testing.assert_allclose(hessian, independent, rtol=1e-12, atol=1e-12 * float(np.abs(independent).max()))
     w = _weights(bert.model)[edge.weight]
-    expected = optq(w, hessian, CalibOptqConfig(bits=4))
+    expected = optq(w, hessian, CalibOptqConfig(bits=4, act_order=True, scale_method=ScaleMethod.MSE))
     np.testing.assert_array_equal(result.weights.get(edge.node).values, expected.values)
     np.testing.assert_array_equal(result.weights.get(edge.node).scales, expected.scales)
 
@@ -246,7 +246,8 @@ def test_optq_maps_the_hessian_to_the_fwq_view(bert: Toy) -> None:
     joined = calibrate_weight_inputs(bert.model, result.plan, bert.statistics, bert.feeds)
     h = joined.get(edge.input).get("hessian").matrix()
     view = (_weights(bert.model)[edge.weight] * s[:, None]).astype(np.float32)  # diag(S) W
-    expected = optq(view, h / np.outer(s.astype(np.float64), s.astype(np.float64)), CalibOptqConfig(bits=4))
+    expected = optq(view, h / np.outer(s.astype(np.float64), s.astype(np.float64)),
+                    CalibOptqConfig(bits=4, act_order=True, scale_method=ScaleMethod.MSE))
     np.testing.assert_array_equal(result.weights.get(f"{edge.node}#fwq").values, expected.values)
 
 

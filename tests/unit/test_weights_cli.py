@@ -104,9 +104,12 @@ def test_weight_flags_keep_the_recipes_bits_and_block_unless_told() -> None:
         assert flags_ is not None
         return flags_.apply(recipe, report).rules[-1].set.weight
 
-    assert weight_of("--weights", "optq") == OptqConfig(bits=4, block=32)
+    assert weight_of("--weights", "optq") == OptqConfig(bits=4, block=32, scale="max")  # the recipe's scale
     assert weight_of("--weights", "optq", "--weight-bits", "3", "--act-order") == OptqConfig(bits=3, block=32,
-                                                                                              act_order=True)
+                                                                                              scale="max")
+    assert weight_of("--weights", "optq", "--no-act-order", "--weight-scale", "mse") == OptqConfig(
+        bits=4, block=32, act_order=False)
+    assert OptqConfig().act_order and OptqConfig().scale == "mse"  # OPTQ's own defaults
     assert weight_of("--weights", "rtn", "--weight-bits", "8", "--weight-block", "0") == RtnConfig(bits=8)
     assert weight_flags(_args()) is None
     mixed = recipe.with_rules((Rule(select=Selector(roles=(Role.FC2,)), set=Settings(weight=RtnConfig(bits=8))),))
