@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=["rtn", "optq"], choices=("rtn", "optq", "gpfq"))
     parser.add_argument("--no-modelopt", action="store_true")
+    parser.add_argument("--samples", type=int, default=CALIB_SAMPLES, help="calibration passages (64)")
     parser.add_argument("--block", type=int, default=BLOCK, help="inputs per INT4 scale block (64; 32 is finer)")
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                         help="optq/gpfq: inputs by descending Hessian diagonal (default: the quantizer's)")
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     path = ensure_smollm2_onnx()
     fp32 = load_model(path)
     setup = Setup(path=path, fp32=fp32, report=analyze_model(fp32, "SmolLM2-135M-Instruct"),
-                  encoder=model_text_encoder(path), texts=calibration_texts(SOURCE, CALIB_SAMPLES))
+                  encoder=model_text_encoder(path), texts=calibration_texts(SOURCE, args.samples))
     feeds = calibration_feeds(setup)
     options = {"block": args.block, **({"scale": args.scale} if args.scale else {}),
                **({"act_order": args.act_order} if args.act_order is not None else {})}
