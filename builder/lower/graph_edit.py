@@ -123,6 +123,14 @@ class GraphEditor:
             if name == old:
                 node.input[i] = new
 
+    def redirect(self, consumers: Iterable[str], old: str, new: str) -> None:
+        """Make the nodes named ``consumers`` read ``new`` where they read ``old`` (each must read ``old``)."""
+        for name in consumers:
+            node = self.node(name)
+            if old not in node.input:
+                raise BuildError(f"plan says node {name!r} reads {old!r}, but it does not")
+            self.replace_input(node, old, new)
+
     def rename_output(self, old: str, new: str) -> None:
         """Make the producer of ``old`` write ``new`` instead (consumers are not touched)."""
         producer = self.producer(old)

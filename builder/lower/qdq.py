@@ -54,9 +54,5 @@ def insert_qdq(ed: GraphEditor, tensor: str, amax: float, consumers: tuple[str, 
     dequantized = ed.unique(f"{base}_dequantized")
     ed.add_node("QuantizeLinear", [source, scale, zero], [quantized], name=f"{base}_QuantizeLinear")
     ed.add_node("DequantizeLinear", [quantized, scale, zero], [dequantized], name=f"{base}_DequantizeLinear")
-    for name in consumers:
-        node = ed.node(name)
-        if tensor not in node.input:
-            raise BuildError(f"plan says node {name!r} reads {tensor!r}, but it does not")
-        GraphEditor.replace_input(node, tensor, dequantized)
+    ed.redirect(consumers, tensor, dequantized)
     return dequantized

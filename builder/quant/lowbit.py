@@ -24,7 +24,7 @@ import numpy.typing as npt
 from builder.quant.base import ActivationQuantizer, EdgeContext, Placement
 from builder.quant.static import check_range, decided_amax
 from calib import methods
-from calib.errors import BuildError, CalibrationError, ConfigError
+from calib.errors import CalibrationError, ConfigError
 from calib.quant import fake_quantize
 from calib.schema import Schema
 
@@ -139,8 +139,4 @@ def insert_clipped_qdq(ctx: LoweringContext, tensor: str, amax: float, scale: fl
     quantized, dequantized = ed.unique(f"{tensor}_quantized"), ed.unique(f"{tensor}_dequantized")
     ed.add_node("QuantizeLinear", [clipped, scale_init, zero], [quantized], name=f"{tensor}_QuantizeLinear")
     ed.add_node("DequantizeLinear", [quantized, scale_init, zero], [dequantized], name=f"{tensor}_DequantizeLinear")
-    for name in consumers:
-        node = ed.node(name)
-        if tensor not in node.input:
-            raise BuildError(f"plan says node {name!r} reads {tensor!r}, but it does not")
-        ed.replace_input(node, tensor, dequantized)
+    ed.redirect(consumers, tensor, dequantized)

@@ -185,9 +185,5 @@ def insert_sparq_qdq(ctx: LoweringContext, tensor: str, params: SparqParams, con
             raise InternalError(f"SPARQ lowering: node name {node.name!r} is already used in the graph")
         added.CopyFrom(node)
     ed.add_node("DequantizeLinear", [trimmed, scale, zero], [dequantized], name=f"{tensor}_DequantizeLinear")
-    for name in consumers:
-        node = ed.node(name)
-        if tensor not in node.input:
-            raise BuildError(f"plan says node {name!r} reads {tensor!r}, but it does not")
-        ed.replace_input(node, tensor, dequantized)
+    ed.redirect(consumers, tensor, dequantized)
     return dequantized
