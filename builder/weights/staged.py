@@ -105,35 +105,41 @@ def _rows(value: npt.NDArray[Any], mask: npt.NDArray[np.bool_] | None) -> F32:
     return np.ascontiguousarray(x.reshape(-1, k))
 
 
-def _quantized_input(lowered: onnx.ModelProto, model: onnx.ModelProto, edge: WeightEdge) -> str:
-    """X~ of GEMM ``edge.node`` in the lowered graph: its input as the quantized model computes it, before the
-    GEMM's own input quantizer (the input of its QuantizeLinear -> DequantizeLinear pair, when it has one)."""
-    original = next(n for n in model.graph.node if n.name == edge.node)
-    index = list(original.input).index(edge.input)
-    node = next((n for n in lowered.graph.node if n.name == edge.node), None)
-    if node is None:
-        raise BuildError(f"GEMM {edge.node!r} is not in the lowered graph (its input quantizer splits it); gpfq needs "
-                         "the GEMM itself")
-    name = str(node.input[index])
+Key = tuple[str, str, str]  # (X~ tensor in the lowered graph, weight view, X tensor in the float model)
+
+
+def _keys(lowered: onnx.ModelProto, model: onnx.ModelProto, group: list[StagedView]) -> dict[int, Key]:
+    """Per view of ``group`` (by id) its key. X~ of GEMM ``edge.node`` is its input in the lowered graph as the
+    quantized model computes it, before the GEMM's own input quantizer (the input of its QuantizeLinear ->
+    DequantizeLinear pair, when it has one)."""
+    originals = {n.name: n for n in model.graph.node}
+    gemms = {n.name: n for n in lowered.graph.node}
     producers = {out: n for n in lowered.graph.node for out in n.output}
-    dequantize = producers.get(name)
-    if dequantize is not None and dequantize.op_type == "DequantizeLinear":
-        quantize = producers.get(dequantize.input[0])
-        if quantize is not None and quantize.op_type == "QuantizeLinear":
-            return str(quantize.input[0])
-    return name
+    keys = {}
+    for v in group:
+        node = gemms.get(v.edge.node)
+        if node is None:
+            raise BuildError(f"GEMM {v.edge.node!r} is not in the lowered graph (its input quantizer splits it); gpfq "
+                             "needs the GEMM itself")
+        name = str(node.input[list(originals[v.edge.node].input).index(v.edge.input)])
+        dequantize = producers.get(name)
+        if dequantize is not None and dequantize.op_type == "DequantizeLinear":
+            quantize = producers.get(dequantize.input[0])
+            if quantize is not None and quantize.op_type == "QuantizeLinear":
+                name = str(quantize.input[0])
+        keys[id(v)] = (name, v.view, v.edge.input)
+    return keys
 
 
-def _collect(model: onnx.ModelProto, lowered: onnx.ModelProto, group: list[StagedView], feeds: Sequence[Feed],
-             mask_input: str) -> dict[tuple[str, str, str], GpfqObserver]:
-    """One GpfqObserver per (X~ tensor, view, X tensor) of ``group`` over ``feeds``."""
-    keys = {id(v): (_quantized_input(lowered, model, v.edge), v.view, v.edge.input) for v in group}
+def _collect(model: onnx.ModelProto, lowered: onnx.ModelProto, group: list[StagedView], keys: dict[int, Key],
+             feeds: Sequence[Feed], mask_input: str) -> dict[Key, GpfqObserver]:
+    """One GpfqObserver per key (:func:`_keys`) of ``group`` over ``feeds``."""
     quant_names = sorted({k[0] for k in keys.values()})
     float_names = sorted({k[2] for k in keys.values()})
     quant_session, float_session = _truncated_session(lowered, quant_names), _truncated_session(model, float_names)
     maps = {keys[id(v)]: v.mapping for v in group}
     offsets = {keys[id(v)]: v.offset for v in group}
-    observers: dict[tuple[str, str, str], GpfqObserver] = {}
+    observers: dict[Key, GpfqObserver] = {}
     for feed in feeds:
         mask = feed.get(mask_input)
         mask_b = None if mask is None else np.asarray(mask) != 0
@@ -172,9 +178,10 @@ def quantize_in_stages(model: onnx.ModelProto, plan: QuantPlan, entries: dict[st
     for number, stage in enumerate(stages, 1):
         group = [v for v in staged if stage_of[v.edge.node] == stage]
         lowered = lower(model, plan, WeightSet(entries=out), "portable").model
-        observers = _collect(model, lowered, group, feeds, mask_input)
+        keys = _keys(lowered, model, group)
+        observers = _collect(model, lowered, group, keys, feeds, mask_input)
         for v in group:
-            key = (_quantized_input(lowered, model, v.edge), v.view, v.edge.input)
+            key = keys[id(v)]
             stats = TensorStatistics(tensor=f"{v.edge.input}#{v.view}" if v.view else v.edge.input,
                                      observers={PAIRS_KIND: observers[key]})
             ctx = WeightContext(node=v.edge.node, input_statistics=stats)
