@@ -23,6 +23,8 @@ and SPARQ passes) take the reference path, which names and counts them.
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 import threading
 from dataclasses import dataclass, field
@@ -32,7 +34,7 @@ import numpy as np
 import numpy.typing as npt
 
 from calib.errors import CalibrationError
-from calib.histogram import AbsHistogram, fit_exponent
+from calib.histogram import AbsHistogram, bin_factor
 from calib.layout import TensorLayout
 from calib.observers import MASK_SENTINEL, DimRangeObserver, HistogramObserver, MinMaxObserver, TokenObserver
 from calib.statistics import TensorStatistics
@@ -42,16 +44,24 @@ U32 = npt.NDArray[np.uint32]
 I64 = npt.NDArray[np.int64]
 Mask = npt.NDArray[np.bool_]
 
+logger = logging.getLogger(__name__)
+
 FUSED_KINDS = frozenset({"minmax", "dims", "tokens", "histogram"})
 _kernels: dict[str, Any] = {}
+_unusable: list[str] = []  # why Numba could not be imported
 _warming: list[threading.Thread] = []
 
 
 def _compile() -> dict[str, Any]:
-    """The Numba kernels (calib.fused_kernels: compiled on first use, or loaded from Numba's disk cache)."""
-    if not _kernels:
-        from calib import fused_kernels
-
+    """The Numba kernels (calib.fused_kernels: compiled on first use, or loaded from Numba's disk cache); empty
+    when Numba cannot be imported (logged once; every tensor then takes the reference path)."""
+    if not _kernels and not _unusable:
+        try:
+            from calib import fused_kernels
+        except ImportError as exc:
+            _unusable.append(str(exc))
+            logger.warning("Numba cannot be imported (%s): calibration folds with NumPy, more slowly", exc)
+            return _kernels
         _kernels.update(features=fused_kernels.features, masked=fused_kernels.masked,
                         histogram=fused_kernels.histogram, tokens=fused_kernels.tokens)
     return _kernels
@@ -67,6 +77,8 @@ def warm_up() -> None:
 
 def _exercise() -> None:
     kernels = _compile()
+    if not kernels:
+        return
     x = np.zeros((1, 1, 4), dtype=np.float32)
     keep, lo, hi = np.ones((1, 1), dtype=bool), np.zeros(4, dtype=np.float32), np.zeros(4, dtype=np.float32)
     cols = np.ones((1, 4), dtype=bool)
@@ -80,12 +92,8 @@ def _exercise() -> None:
 
 
 def available() -> bool:
-    """True when Numba can be imported (the reference path runs otherwise)."""
-    try:
-        _compile()
-    except ImportError:
-        return False
-    return True
+    """True when Numba is installed (the reference path runs otherwise); it is imported only when first used."""
+    return importlib.util.find_spec("numba") is not None
 
 
 @dataclass
@@ -145,6 +153,8 @@ def fusable(stats: TensorStatistics, layout: TensorLayout, x: npt.NDArray[Any], 
     """Whether :func:`fold` handles this tensor (else the reference path folds it)."""
     if not stats.observers.keys() <= FUSED_KINDS or x.ndim < 2 or x.dtype != np.float32 or not x.flags.c_contiguous:
         return False
+    if not _compile():
+        return False
     if mask is None or not (layout.token_axes or layout.flattened):
         return True
     if layout.flattened:
@@ -158,12 +168,7 @@ def _grid(hist: HistogramObserver | None) -> tuple[Any, I64]:
     and the last slot c >= bins (exactly c == bins unless the batch widens the grid, which recounts)."""
     if hist is None or hist.histogram.exponent is None:
         return np.float32(1.0), np.zeros(0, dtype=np.int64)
-    return _factor(hist.histogram.exponent), np.zeros(hist.histogram.bins + 2, dtype=np.int64)
-
-
-def _factor(exponent: int) -> Any:
-    """2**-exponent as calib.histogram.ceil_indices multiplies by it (float32 when that is a normal float32)."""
-    return (np.float32 if -126 <= -exponent <= 127 else np.float64)(math.ldexp(1.0, -exponent))
+    return bin_factor(hist.histogram.exponent), np.zeros(hist.histogram.bins + 2, dtype=np.int64)
 
 
 def fold(stats: TensorStatistics, layout: TensorLayout, x: F32, masks: BatchMasks,
@@ -229,13 +234,13 @@ def _commit_histogram(hist: AbsHistogram, data: tuple[F32, Mask, Mask], top: flo
                       counted: I64) -> None:
     """Add the batch's counts: those of the single pass when the grid held, else a recount on the wider grid."""
     before = hist.exponent
-    widens = top > 0.0 and (before is None or fit_exponent(top, hist.bins) > before)
     exponent = hist.prepare(top, size)
     if exponent is None:
         return
-    if widens or not counted.shape[0]:
+    factor = bin_factor(exponent)
+    if exponent != before:  # the first grid, or a wider one: the single pass counted on none or the old grid
         counted = np.zeros(hist.bins + 2, dtype=np.int64)
-        _compile()["histogram"](*data, _factor(exponent), counted)
+        _compile()["histogram"](*data, factor, counted)
     # counted[c + 1]: values with ceil(|x| / width) == c (slot 0 counted padding); the largest c is the top's
-    last = int(np.ceil(type(factor := _factor(exponent))(top) * factor))
+    last = int(np.ceil(type(factor)(top) * factor))
     hist.add_counted(counted[1: last + 2])

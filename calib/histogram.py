@@ -48,14 +48,21 @@ def fit_exponent(top: float, bins: int) -> int:
     return e
 
 
+def bin_factor(exponent: int) -> np.float32 | np.float64:
+    """2**-exponent, the factor that maps |x| to bin units: a float32 when that is a normal float32 (the float32
+    product is then exact, or underflows to a value that lands in the same bin 0), else a float64."""
+    factor = math.ldexp(1.0, -exponent)
+    return np.float32(factor) if -126 <= -exponent <= 127 else np.float64(factor)
+
+
 def _scaled(abs_values: F32, exponent: int, overwrite: bool) -> npt.NDArray[np.floating]:
     """|x| / 2**exponent, exact (a power-of-two scaling); in place when ``overwrite`` allows it."""
-    if -126 <= -exponent <= 127:  # 2**-e is a normal float32: the float32 product is exact or underflows to a
-        factor = np.float32(math.ldexp(1.0, -exponent))  # value that lands in the same bin 0
+    factor = bin_factor(exponent)
+    if isinstance(factor, np.float32):
         if overwrite and abs_values.flags.writeable:
             return np.multiply(abs_values, factor, out=abs_values)
         return abs_values * factor
-    return abs_values.astype(np.float64) * math.ldexp(1.0, -exponent)
+    return abs_values.astype(np.float64) * factor
 
 
 def ceil_indices(abs_values: F32, exponent: int, *, overwrite: bool = False,

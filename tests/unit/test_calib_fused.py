@@ -114,3 +114,23 @@ def test_mask_sentinels_are_excluded_and_counted_like_the_reference(monkeypatch:
         states.append(stats.state())
     for key, value in states[1].items():
         np.testing.assert_array_equal(states[0][key], value, err_msg=key)
+
+
+def test_without_numba_the_reference_path_folds_and_says_why(monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    import sys
+
+    import calib
+
+    monkeypatch.setattr(fused, "_kernels", {})
+    monkeypatch.setattr(fused, "_unusable", [])
+    monkeypatch.setitem(sys.modules, "calib.fused_kernels", None)  # import raises ImportError
+    monkeypatch.delattr(calib, "fused_kernels", raising=False)
+    monkeypatch.setattr(fold_module, "FUSED", True)
+    x = np.random.default_rng(7).standard_normal((B, S, D)).astype(np.float32)
+    stats = TensorStatistics.create("t", ("minmax", "histogram"), bins=256)
+    with caplog.at_level("WARNING", logger="calib.fused"):
+        fold_module.observe(stats, TensorLayout(token_axes=(1,)), x, np.ones((B, S), dtype=bool), None, batch=0)
+    assert "Numba cannot be imported" in caplog.text
+    assert stats.minmax.count == x.size and stats.minmax.maximum == float(x.max())
+    assert int(stats.get("histogram").histogram.counts.sum()) == x.size
