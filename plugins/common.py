@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping
-from typing import Any
+from dataclasses import MISSING, asdict, fields
+from typing import Any, ClassVar, Self, get_type_hints
 
 import numpy as np
 import numpy.typing as npt
@@ -156,6 +157,74 @@ def attributes_from_json(op_type: str, text: str, fields: Iterable[str]) -> dict
         raise GraphError(f"{op_type} attributes JSON must be an object, got {type(data).__name__}")
     check_known_keys(f"{op_type} JSON", data.keys(), fields)
     return data
+
+
+# ONNX attribute kind of each field type of a plugin's attributes, as the TensorRT parser maps them
+# (FLOAT -> FLOAT32, INT -> INT32); flags travel as INT 0/1.
+_FIELD_KINDS: dict[type, str] = {float: "FLOAT", int: "INT", bool: "INT"}
+_NODE_KEYS = {"plugin_version": "STRING", "plugin_namespace": "STRING"}
+
+
+class PluginAttributes:
+    """Base of a plugin node's frozen attribute dataclass: its ONNX attributes and JSON form, from its fields.
+
+    A subclass declares ``OP_TYPE``, ``SCHEMA_VERSION`` and its fields (``float``, ``int`` or ``bool``, plus
+    ``version``); fields without a default are required on the node. Its ``__post_init__`` validates values and
+    calls :meth:`check_version`.
+    """
+
+    OP_TYPE: ClassVar[str]
+    SCHEMA_VERSION: ClassVar[int] = 1
+    version: int  # a field of the subclass (its SCHEMA_VERSION by default)
+
+    def check_version(self) -> None:
+        if self.version != self.SCHEMA_VERSION:
+            raise GraphError(f"{self.OP_TYPE} schema version {self.version} is not supported; use "
+                             f"{self.SCHEMA_VERSION}")
+
+    @classmethod
+    def _node_fields(cls) -> dict[str, type]:
+        """Field name -> type of the fields a node carries (every field but ``version``)."""
+        hints = get_type_hints(cls)
+        return {f.name: hints[f.name] for f in fields(cls) if f.name != "version"}  # type: ignore[arg-type]
+
+    @classmethod
+    def attribute_kinds(cls) -> dict[str, str]:
+        """Attribute name -> ONNX attribute kind of the node."""
+        return {name: _FIELD_KINDS[kind] for name, kind in cls._node_fields().items()} | _NODE_KEYS
+
+    def to_onnx_attributes(self) -> dict[str, float | int | str]:
+        """Node attributes in the plugin convention (flags as INT 0/1, floats as FLOAT)."""
+        out: dict[str, float | int | str] = {
+            name: float(getattr(self, name)) if kind is float else int(getattr(self, name))
+            for name, kind in self._node_fields().items()}
+        return out | {"plugin_version": PLUGIN_VERSION, "plugin_namespace": PLUGIN_NAMESPACE}
+
+    @classmethod
+    def from_onnx_attributes(cls, attrs: Mapping[str, Any]) -> Self:
+        """Read and validate a node's attributes (unknown names, missing required ones and a foreign plugin version
+        are errors; absent optional ones take their defaults)."""
+        check_known_keys(cls.OP_TYPE, attrs.keys(), cls.attribute_kinds())
+        check_plugin_version(cls.OP_TYPE, attrs)
+        required = [f.name for f in fields(cls) if f.default is MISSING]  # type: ignore[arg-type]
+        missing = [name for name in required if name not in attrs]
+        if missing:
+            raise GraphError(f"{cls.OP_TYPE} needs the attribute(s) {', '.join(missing)}")
+        values: dict[str, Any] = {}
+        for name, kind in cls._node_fields().items():
+            if name not in attrs:
+                continue
+            value = attrs[name]
+            values[name] = (check_flag(f"{cls.OP_TYPE} {name}", int(value)) if kind is bool
+                            else float(value) if kind is float else int(value))
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        return cls(**attributes_from_json(cls.OP_TYPE, text, [f.name for f in fields(cls)]))  # type: ignore[arg-type]
 
 
 _ONNX_TYPE_NAMES: dict[str, int] = {

@@ -9,23 +9,11 @@ Output: ``y`` [..., N] int8 = quantize(softmax(x + mask, axis=-1), scale).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 from calib.errors import GraphError
-from plugins.common import (
-    DOMAIN,
-    INT8_MAX,
-    PLUGIN_NAMESPACE,
-    PLUGIN_VERSION,
-    attributes_from_json,
-    check_flag,
-    check_known_keys,
-    check_plugin_version,
-    check_positive_finite,
-)
+from plugins.common import DOMAIN, INT8_MAX, PluginAttributes, check_positive_finite
 
 OP_TYPE = "SoftmaxQuantize"
 SCHEMA_VERSION = 1
@@ -33,17 +21,13 @@ SCHEMA_VERSION = 1
 DEFAULT_SCALE = 1.0 / INT8_MAX
 MAX_RANK = 4
 
-ATTRIBUTE_KINDS: dict[str, str] = {
-    "scale": "FLOAT",
-    "has_mask": "INT",
-    "plugin_version": "STRING",
-    "plugin_namespace": "STRING",
-}
-
 
 @dataclass(frozen=True, kw_only=True)
-class SoftmaxQuantizeAttrs:
+class SoftmaxQuantizeAttrs(PluginAttributes):
     """Attributes of one SoftmaxQuantize node, validated at graph-building time."""
+
+    OP_TYPE: ClassVar[str] = OP_TYPE
+    SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
 
     scale: float = DEFAULT_SCALE
     has_mask: bool = False
@@ -51,36 +35,14 @@ class SoftmaxQuantizeAttrs:
 
     def __post_init__(self) -> None:
         check_positive_finite(f"{OP_TYPE} scale", self.scale)
-        if self.version != SCHEMA_VERSION:
-            raise GraphError(f"{OP_TYPE} schema version {self.version} is not supported; use {SCHEMA_VERSION}")
+        self.check_version()
 
     @property
     def num_inputs(self) -> int:
         return 2 if self.has_mask else 1
 
-    def to_onnx_attributes(self) -> dict[str, float | int | str]:
-        return {
-            "scale": float(self.scale),
-            "has_mask": int(self.has_mask),
-            "plugin_version": PLUGIN_VERSION,
-            "plugin_namespace": PLUGIN_NAMESPACE,
-        }
 
-    @classmethod
-    def from_onnx_attributes(cls, attrs: Mapping[str, Any]) -> SoftmaxQuantizeAttrs:
-        check_known_keys(OP_TYPE, attrs.keys(), ATTRIBUTE_KINDS)
-        check_plugin_version(OP_TYPE, attrs)
-        return cls(
-            scale=float(attrs.get("scale", DEFAULT_SCALE)),
-            has_mask=check_flag(f"{OP_TYPE} has_mask", int(attrs.get("has_mask", 0))),
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> SoftmaxQuantizeAttrs:
-        return cls(**attributes_from_json(OP_TYPE, text, [f.name for f in fields(cls)]))
+ATTRIBUTE_KINDS: dict[str, str] = SoftmaxQuantizeAttrs.attribute_kinds()
 
 
 def check_mask_shape(x_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> None:

@@ -12,50 +12,30 @@ QuantizeLinear + composition (``builder/lower/sparq_ops.py``) produces.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
 from calib.errors import GraphError
 from calib.sparq import Rounding, SparqConfig
-from plugins.common import (
-    DOMAIN,
-    PLUGIN_NAMESPACE,
-    PLUGIN_VERSION,
-    attributes_from_json,
-    check_flag,
-    check_known_keys,
-    check_plugin_version,
-    check_positive_finite,
-)
+from plugins.common import DOMAIN, PluginAttributes, check_positive_finite
 
 OP_TYPE = "SparqQuantize"
 SCHEMA_VERSION = 1
 
-# attribute name -> ONNX attribute kind, as the TensorRT parser maps them (FLOAT -> FLOAT32, INT -> INT32)
-ATTRIBUTE_KINDS: dict[str, str] = {
-    "scale": "FLOAT",
-    "window_bits": "INT",
-    "placements": "INT",
-    "round_nearest": "INT",
-    "vsparq": "INT",
-    "plugin_version": "STRING",
-    "plugin_namespace": "STRING",
-}
-REQUIRED = ("scale", "window_bits", "placements")
-
 
 @dataclass(frozen=True, kw_only=True)
-class SparqQuantizeAttrs:
+class SparqQuantizeAttrs(PluginAttributes):
     """Attributes of one SparqQuantize node, validated when the node is built.
 
     ``scale`` is the static per-tensor activation scale (``amax / 127``), kept as its float32 value;
-    ``placements`` is always explicit
-    on the node (the config's resolved count), so the engine never depends on a default.
+    ``placements`` is always explicit on the node (the config's resolved count), so the engine never depends on
+    a default.
     """
+
+    OP_TYPE: ClassVar[str] = OP_TYPE
+    SCHEMA_VERSION: ClassVar[int] = SCHEMA_VERSION
 
     scale: float
     window_bits: int
@@ -71,8 +51,7 @@ class SparqQuantizeAttrs:
             single = float(np.float32(self.scale))
         object.__setattr__(self, "scale", check_positive_finite(f"{OP_TYPE} scale {self.scale!r} in float32", single))
         self.config()  # ConfigError for a window or placement count SPARQ does not have
-        if self.version != SCHEMA_VERSION:
-            raise GraphError(f"{OP_TYPE} schema version {self.version} is not supported; use {SCHEMA_VERSION}")
+        self.check_version()
 
     @classmethod
     def from_config(cls, config: SparqConfig, *, scale: float) -> SparqQuantizeAttrs:
@@ -85,40 +64,9 @@ class SparqQuantizeAttrs:
         return SparqConfig(window_bits=self.window_bits, placements=self.placements, rounding=rounding,
                            vsparq=self.vsparq)
 
-    def to_onnx_attributes(self) -> dict[str, float | int | str]:
-        """Node attributes in the plugin convention (flags as INT 0/1, floats as FLOAT)."""
-        return {
-            "scale": float(self.scale),
-            "window_bits": int(self.window_bits),
-            "placements": int(self.placements),
-            "round_nearest": int(self.round_nearest),
-            "vsparq": int(self.vsparq),
-            "plugin_version": PLUGIN_VERSION,
-            "plugin_namespace": PLUGIN_NAMESPACE,
-        }
 
-    @classmethod
-    def from_onnx_attributes(cls, attrs: Mapping[str, Any]) -> SparqQuantizeAttrs:
-        """Read and validate a node's attributes (unknown names and a foreign plugin version are errors)."""
-        check_known_keys(OP_TYPE, attrs.keys(), ATTRIBUTE_KINDS)
-        check_plugin_version(OP_TYPE, attrs)
-        missing = [name for name in REQUIRED if name not in attrs]
-        if missing:
-            raise GraphError(f"{OP_TYPE} needs the attribute(s) {', '.join(missing)}")
-        return cls(
-            scale=float(attrs["scale"]),
-            window_bits=int(attrs["window_bits"]),
-            placements=int(attrs["placements"]),
-            round_nearest=check_flag(f"{OP_TYPE} round_nearest", int(attrs.get("round_nearest", 1))),
-            vsparq=check_flag(f"{OP_TYPE} vsparq", int(attrs.get("vsparq", 0))),
-        )
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> SparqQuantizeAttrs:
-        return cls(**attributes_from_json(OP_TYPE, text, [f.name for f in fields(cls)]))
+# attribute name -> ONNX attribute kind, as the TensorRT parser maps them (FLOAT -> FLOAT32, INT -> INT32)
+ATTRIBUTE_KINDS: dict[str, str] = SparqQuantizeAttrs.attribute_kinds()
 
 
 def check_input_shape(shape: tuple[int, ...]) -> None:
