@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 
@@ -18,6 +19,7 @@ from calib.errors import BackendUnavailable, ConfigError
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'build-engine[ray]'"
+CONNECT_TIMEOUT_S = 5.0  # a head that does not accept a TCP connection by then is reported, not waited on
 
 
 def load_ray() -> ModuleType:
@@ -40,6 +42,23 @@ def check_address(address: str) -> str:
     return address
 
 
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """ConfigError unless a ``HOST:PORT`` or ``ray://HOST:PORT`` address accepts a TCP connection.
+
+    ``ray.init`` retries an address where nothing listens for minutes, logging warnings; a wrong host or port
+    fails here within ``timeout`` seconds instead. ``auto`` and ``local`` are Ray's own to resolve.
+    """
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reach Ray at {address!r}: {exc or type(exc).__name__}. Check the head's address "
+                          "and port (`ray status` on the head prints it), start one with `ray start --head`, or use "
+                          "--ray local for a private Ray on this machine") from exc
+
+
 @contextlib.contextmanager
 def ray_session(address: str, *, num_cpus: int | None = None) -> Iterator[ModuleType]:
     """Ray connected to ``address`` for the block (``num_cpus`` only sizes a ``local`` instance)."""
@@ -48,6 +67,7 @@ def ray_session(address: str, *, num_cpus: int | None = None) -> Iterator[Module
         yield ray
         return
     address = check_address(address)
+    check_reachable(address)
     try:
         ray.init(address=address, num_cpus=num_cpus if address == "local" else None, include_dashboard=False,
                  configure_logging=False, log_to_driver=False)

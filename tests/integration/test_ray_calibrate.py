@@ -96,3 +96,20 @@ def test_a_bad_ray_address_is_a_usage_error(minilm_onnx: Path, tmp_path: Path,
     assert main(["calibrate", str(minilm_onnx), "--samples", "16", "--ray", "nowhere", "-o", str(tmp_path)]) == 2
     assert "HOST:PORT" in capsys.readouterr().err
     assert not (tmp_path / "statistics.npz").exists()
+
+
+def test_an_address_where_no_ray_listens_fails_fast(minilm_onnx: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A HOST:PORT nothing listens on is reported at once (ray.init would retry it for minutes)."""
+    import socket
+
+    with socket.socket() as probe:  # a port that was free a moment ago: nothing listens on it now
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code = main(["calibrate", str(minilm_onnx), "--samples", "16", "--no-progress", "--ray", f"127.0.0.1:{port}",
+                 "-o", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    # the connection check's message (Ray's own failure, after minutes of retries, reads "cannot connect")
+    assert f"cannot reach Ray at '127.0.0.1:{port}'" in err and "ray start --head" in err
+    assert not (tmp_path / "statistics.npz").exists()
