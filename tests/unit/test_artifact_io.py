@@ -35,3 +35,12 @@ def test_failed_serialization_keeps_old_file(tmp_path: Path) -> None:
         atomic_write_json(target, {"x": float("nan")})
     assert read_json(target) == {"a": [1.5], "b": 1}
     assert canonical_json({"b": 1, "a": 2}) == '{\n  "a": 2,\n  "b": 1\n}\n'
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc (a folder no file can be made in)")
+def test_a_refused_write_names_the_target_not_the_temporary_file() -> None:
+    target = Path("/proc/build-engine-artifact.json")
+    with pytest.raises(OSError) as caught:
+        atomic_write_bytes(target, b"{}")
+    assert caught.value.filename == str(target)
+    assert "cannot write here" in str(caught.value)
