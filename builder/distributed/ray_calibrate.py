@@ -18,6 +18,7 @@ workers need no shared file system.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -25,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from calib.artifact_io import atomic_write_bytes
@@ -142,33 +144,46 @@ def _run_in_process(jobs: list[tuple[BatchRange, list[Feed]]], model: tuple[byte
         done(shard, collect_shard(*model, feeds, tensors, _shard_options(options, shard, 0)))
 
 
-def _run_on_ray(jobs: list[tuple[BatchRange, list[Feed]]], model: tuple[bytes, str], tensors: tuple[str, ...],
-                options: CollectOptions, config: ShardConfig, done: Callable[[BatchRange, bytes], None]) -> None:
-    from builder.distributed.cluster import ray_session
-
-    assert config.address is not None
-    with ray_session(config.address, num_cpus=config.local_cpus) as ray:
-        task = ray.remote(collect_shard).options(num_cpus=config.cpus_per_shard, max_retries=config.retries)
-        model_ref = ray.put(model[0])
-        pending: dict[Any, BatchRange] = {}
-        for shard, feeds in jobs:
-            ref = task.remote(model_ref, model[1], feeds, tensors,
-                              _shard_options(options, shard, config.cpus_per_shard))
-            pending[ref] = shard
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                shard = pending.pop(ref)
-                try:
-                    data = ray.get(ref)
-                except ray.exceptions.RayTaskError as exc:  # the collector raised: the user's error, unwrapped
-                    cause = exc.as_instanceof_cause()
-                    raise cause if isinstance(cause, CalibrationError | ConfigError) else CalibrationError(
-                        f"calibration shard [{shard.start}, {shard.stop}) failed: {exc}") from exc
-                done(shard, data)
+def _run_on_ray(ray: ModuleType, jobs: list[tuple[BatchRange, list[Feed]]], model: tuple[bytes, str],
+                tensors: tuple[str, ...], options: CollectOptions, config: ShardConfig,
+                done: Callable[[BatchRange, bytes], None]) -> None:
+    task = ray.remote(collect_shard).options(num_cpus=config.cpus_per_shard, max_retries=config.retries)
+    model_ref = ray.put(model[0])
+    pending: dict[Any, BatchRange] = {}
+    for shard, feeds in jobs:
+        ref = task.remote(model_ref, model[1], feeds, tensors, _shard_options(options, shard, config.cpus_per_shard))
+        pending[ref] = shard
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        for ref in ready:
+            shard = pending.pop(ref)
+            try:
+                data = ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:  # the collector raised: the user's error, unwrapped
+                cause = exc.as_instanceof_cause()
+                raise cause if isinstance(cause, CalibrationError | ConfigError) else CalibrationError(
+                    f"calibration shard [{shard.start}, {shard.stop}) failed: {exc}") from exc
+            done(shard, data)
 
 
-def default_shards(config: ShardConfig) -> int:
+class _Cluster:
+    """The Ray session of one sharded run, connected on first use (a run whose shards are all saved and counted
+    needs none) and left once, at the end."""
+
+    def __init__(self, config: ShardConfig, stack: contextlib.ExitStack) -> None:
+        self.config, self.stack = config, stack
+        self.module: ModuleType | None = None
+
+    def ray(self) -> ModuleType:
+        from builder.distributed.cluster import ray_session
+
+        if self.module is None:
+            assert self.config.address is not None
+            self.module = self.stack.enter_context(ray_session(self.config.address, num_cpus=self.config.local_cpus))
+        return self.module
+
+
+def default_shards(config: ShardConfig, cluster: _Cluster | None = None) -> int:
     """The shard count of ``config``: given, or one per CPU of the cluster (or of this machine in-process)."""
     import os
 
@@ -176,9 +191,8 @@ def default_shards(config: ShardConfig) -> int:
         return config.shards
     if config.address is None:
         return 1
-    from builder.distributed.cluster import ray_session
-
-    with ray_session(config.address, num_cpus=config.local_cpus) as ray:
+    with contextlib.ExitStack() as stack:
+        ray = (cluster or _Cluster(config, stack)).ray()
         return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)) // config.cpus_per_shard)
 
 
@@ -190,11 +204,18 @@ def collect_sharded(model: onnx.ModelProto | Path, feeds: Sequence[Feed], tensor
 
     ``progress`` is called with (shards done, shards) as shards finish.
     """
+    with contextlib.ExitStack() as stack:  # one Ray session for the shard count and the shards
+        return _collect_sharded(model, feeds, tensors, options, folder, config, _Cluster(config, stack), progress)
+
+
+def _collect_sharded(model: onnx.ModelProto | Path, feeds: Sequence[Feed], tensors: Sequence[str],
+                     options: CollectOptions, folder: Path, config: ShardConfig, cluster: _Cluster,
+                     progress: Callable[[int, int], None] | None) -> ShardedResult:
     from calib.collect import load_model_bytes
 
     model_bytes, model_sha = load_model_bytes(model)
     names = tuple(dict.fromkeys(tensors))
-    ranges = shard_ranges(len(feeds), default_shards(config))
+    ranges = shard_ranges(len(feeds), default_shards(config, cluster))
     started = time.perf_counter()
     parts: dict[int, Statistics] = {}
     for shard in ranges:
@@ -216,9 +237,10 @@ def collect_sharded(model: onnx.ModelProto | Path, feeds: Sequence[Feed], tensor
         if progress is not None:
             progress(len(parts), len(ranges))
 
-    run = _run_on_ray if config.address is not None else _run_in_process
-    if jobs:
-        run(jobs, (model_bytes, model_sha), names, options, config, done)
+    if jobs and config.address is not None:
+        _run_on_ray(cluster.ray(), jobs, (model_bytes, model_sha), names, options, config, done)
+    elif jobs:
+        _run_in_process(jobs, (model_bytes, model_sha), names, options, config, done)
     collected = time.perf_counter() - started
     statistics = merge_in_order([parts[s.start] for s in ranges])
     merge_s = time.perf_counter() - started - collected

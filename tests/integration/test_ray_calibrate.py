@@ -113,3 +113,18 @@ def test_an_address_where_no_ray_listens_fails_fast(minilm_onnx: Path, tmp_path:
     # the connection check's message (Ray's own failure, after minutes of retries, reads "cannot connect")
     assert f"cannot reach Ray at '127.0.0.1:{port}'" in err and "ray start --head" in err
     assert not (tmp_path / "statistics.npz").exists()
+
+
+@pytest.mark.slow
+def test_ray_local_connects_once_for_the_shard_count_and_the_shards(minilm_onnx: Path,
+                                                                     single_process: dict[str, bytes],
+                                                                     tmp_path: Path) -> None:
+    """``--ray local`` without ``--shards``: one private Ray sizes the shards and runs them (it used to start two)."""
+    pytest.importorskip("ray")
+    command = ["-m", "builder.cli.main", "-v", "calibrate", str(minilm_onnx), "--samples", "64", "--batch-size",
+               "16", "--method", "entropy", "--no-progress", "-o", str(tmp_path), "--ray", "local"]
+    with LoopbackNamespace() as namespace:
+        run = namespace.run_python(command)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stderr.count("connected to Ray at local") == 1, run.stderr[-2000:]
+    assert {name: (tmp_path / name).read_bytes() for name in VIEWS} == single_process
