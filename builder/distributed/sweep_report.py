@@ -8,10 +8,10 @@ and marks the Pareto front: no other engine is both smaller and more accurate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 from builder.backends.options import ShapeProfile
+from builder.evaluate.pareto import pareto_front
 from calib.artifact_io import atomic_write_text
 from calib.schema import Schema, decode_json, to_json
 
@@ -70,18 +70,6 @@ def format_table(report: SweepReport) -> str:
                      f"{r.plan_bytes / 2**20:.1f} | {build} | {r.int8_gemm_flop_share:.1%} | "
                      f"{_num(r.cosine_mean, '.4f')} | {_num(r.probe_accuracy, '.2%')} | {r.engine_dir} |")
     return "\n".join(lines) + "\n"
-
-
-def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
-    """Indices of the points no other point dominates (lower or equal cost and higher or equal accuracy, one
-    of them strictly), ``points`` as (cost, accuracy)."""
-    front = []
-    for i, (cost, acc) in enumerate(points):
-        dominated = any((c <= cost and a >= acc) and (c < cost or a > acc) for j, (c, a) in enumerate(points)
-                        if j != i)
-        if not dominated:
-            front.append(i)
-    return front
 
 
 def write_pareto(report: SweepReport, path: Path) -> Path | None:

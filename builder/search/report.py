@@ -125,13 +125,11 @@ def format_candidates(points: Sequence[Point], units: Sequence[str], metrics: Se
 
 def front(points: Sequence[Point], metric: str, higher_is_better: bool) -> list[Point]:
     """Points no other point beats on both INT8 share and metric, by increasing share."""
+    from builder.evaluate.pareto import pareto_front
+
     sign = 1.0 if higher_is_better else -1.0
-
-    def dominated(p: Point) -> bool:
-        return any(q.share >= p.share and sign * q.value(metric) >= sign * p.value(metric) and
-                   (q.share > p.share or sign * q.value(metric) > sign * p.value(metric)) for q in points)
-
-    return sorted((p for p in points if not dominated(p)), key=lambda p: p.share)
+    kept = pareto_front([(-p.share, sign * p.value(metric)) for p in points])  # a larger share costs less
+    return sorted((points[i] for i in kept), key=lambda p: p.share)
 
 
 def _plot_value(value: float, metric: str) -> float:

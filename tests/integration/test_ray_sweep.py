@@ -10,8 +10,9 @@ import pytest
 
 from builder.backends.options import BackendName, BuildOptions, DimRange, ShapeProfile
 from builder.distributed.sweep import SweepTask
-from builder.distributed.sweep_report import SweepReport, pareto_front
+from builder.distributed.sweep_report import SweepReport
 from builder.engine.manifest import read_manifest
+from builder.evaluate.pareto import pareto_front
 from calib.artifact_io import sha256_file
 from tests.loopback import LoopbackNamespace
 
