@@ -82,11 +82,11 @@ def _exercise() -> None:
     x = np.zeros((1, 1, 4), dtype=np.float32)
     keep, lo, hi = np.ones((1, 1), dtype=bool), np.zeros(4, dtype=np.float32), np.zeros(4, dtype=np.float32)
     cols = np.ones((1, 4), dtype=bool)
-    for factor in (np.float32(1.0), np.float64(1.0)):
-        for counted in (np.zeros(0, dtype=np.int64), np.zeros(6, dtype=np.int64)):
-            kernels["features"](x[0], keep[0], lo, hi, np.zeros(1, dtype=np.uint32), factor, counted)
-            kernels["masked"](x, keep, cols, lo, hi, factor, counted)
-        kernels["histogram"](x, keep, cols, factor, np.zeros(6, dtype=np.int64))
+    factor = np.float32(1.0)  # the grids of float32 activations (bin_factor's float64 is loaded when first met)
+    for counted in (np.zeros(0, dtype=np.int64), np.zeros(6, dtype=np.int64)):
+        kernels["features"](x[0], keep[0], lo, hi, np.zeros(1, dtype=np.uint32), factor, counted)
+        kernels["masked"](x, keep, cols, lo, hi, factor, counted)
+    kernels["histogram"](x, keep, cols, factor, np.zeros(6, dtype=np.int64))
     kernels["tokens"](np.zeros((1, 1, 1), dtype=np.float32), keep, np.zeros((1, 1), dtype=np.int64),
                       np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.float64), 1)
 
