@@ -68,8 +68,9 @@ def _setup() -> Setup:
                  encoder=model_text_encoder(path), texts=calibration_texts(SOURCE, CALIB_SAMPLES))
 
 
-def calibration_feeds(setup: Setup, texts: list[str] | None = None) -> list[dict[str, Any]]:
-    return list(setup.encoder.feeds(texts or setup.texts, max_length=MAX_LENGTH, batch_size=BATCH,
+def calibration_feeds(setup: Setup, texts: list[str] | None = None,
+                      max_length: int = MAX_LENGTH) -> list[dict[str, Any]]:
+    return list(setup.encoder.feeds(texts or setup.texts, max_length=max_length, batch_size=BATCH,
                                     sort_by_length=True))
 
 

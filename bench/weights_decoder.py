@@ -113,14 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                         help="optq/gpfq: inputs by descending Hessian diagonal (default: the quantizer's)")
     parser.add_argument("--scale", choices=("max", "mse"), help="weight scales (default: the quantizer's)")
+    parser.add_argument("--max-length", type=int, default=MAX_LENGTH,
+                        help=f"tokens per calibration passage ({MAX_LENGTH})")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     args = parser.parse_args(argv)
+    if args.max_length < 2:
+        parser.error(f"--max-length {args.max_length} must be at least 2 (a token and the one it predicts)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     path = ensure_smollm2_onnx()
     fp32 = load_model(path)
     setup = Setup(path=path, fp32=fp32, report=analyze_model(fp32, "SmolLM2-135M-Instruct"),
                   encoder=model_text_encoder(path), texts=calibration_texts(SOURCE, args.samples))
-    feeds = calibration_feeds(setup)
+    feeds = calibration_feeds(setup, max_length=args.max_length)
     options = {"block": args.block, **({"scale": args.scale} if args.scale else {}),
                **({"act_order": args.act_order} if args.act_order is not None else {})}
     models, passes = build(setup, feeds, list(args.methods), options)
@@ -142,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = ["| " + " | ".join(HEADER) + " |", "|---|" + "---:|" * (len(HEADER) - 1)]
     lines += ["| " + " | ".join(row) + " |" for row in table]
     markdown = (f"SmolLM2-135M-Instruct W4A16 (INT4 blocks of {args.block}), perplexity on {WINDOWS} x {WINDOW} "
-                "tokens; "
-                f"calibration {len(setup.texts)} passages x {MAX_LENGTH} tokens ({passes['calibration_s']:.1f} s), "
+                f"tokens; calibration {len(setup.texts)} passages x {args.max_length} tokens "
+                f"({passes['calibration_s']:.1f} s), "
                 f"Hessian pass {passes['hessian_s']:.1f} s\n\n" + "\n".join(lines) + "\n")
     print(markdown)
     args.out.mkdir(parents=True, exist_ok=True)
