@@ -84,8 +84,9 @@ def add_weight_arguments(group: argparse._ArgumentGroup) -> None:
                        help="one scale per block of B inputs, stored as INT4 with block-wise DequantizeLinear (opset "
                             "21; bits <= 4; W4A16 engines); 0: one scale per output channel, stored as INT8; default: "
                             "the recipe's")
-    group.add_argument("--weight-scale", choices=("max", "mse"),
-                       help="weight scales: max or mse (default: the recipe's)")
+    group.add_argument("--weight-scale", choices=("max", "mse", "auto"),
+                       help="weight scales: max, mse or auto (optq: mse, or max with --accumulator-bits; others: "
+                            "max) (default: the recipe's)")
     group.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                        help="optq/gpfq: visit inputs by descending Hessian diagonal (default: on for optq, off for "
                             "gpfq)")

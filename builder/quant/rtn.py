@@ -67,7 +67,7 @@ class RtnQuantizer(CalibWeightQuantizer[RtnConfig]):
         if not -weight.ndim <= axis < weight.ndim:
             raise ConfigError(f"GEMM {ctx.node!r}: channel axis {axis} is out of range for a weight of shape "
                               f"{weight.shape}")
-        if weight.ndim != 2 and config.block is None and config.scale == "max":  # not a 2-D GEMM weight
+        if weight.ndim != 2 and config.block is None and config.resolved_scale == "max":  # not a 2-D GEMM weight
             values, scales = quantize_per_channel(weight, axis, config.bits)
             return QuantizedWeight(values=values, scales=scales, axis=axis % weight.ndim, bits=config.bits)
         return super().quantize(weight, axis, config, ctx)

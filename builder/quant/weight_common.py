@@ -41,13 +41,14 @@ if TYPE_CHECKING:
 INT4_MAX_BITS = 4  # block-wise weights are stored as INT4
 BLOCK_OPSET = 21  # DequantizeLinear with block_size and INT4 inputs
 PER_CHANNEL_OPSET = 19
-ScaleName = Literal["max", "mse"]
+ScaleName = Literal["max", "mse", "auto"]
 
 
 class WeightOptions(Schema, frozen=True, kw_only=True):
     """``bits`` 2..8; ``block``: one scale per block of that many inputs (None: per output channel; a block
-    is stored as INT4, so it needs bits <= 4); ``scale``: ``max`` (amax / qmax) or ``mse`` (the shrink of amax,
-    1.00 down to 0.20, with the least squared rounding error)."""
+    is stored as INT4, so it needs bits <= 4); ``scale``: ``max`` (amax / qmax), ``mse`` (the shrink of amax,
+    1.00 down to 0.20, with the least squared rounding error) or ``auto`` (the quantizer's choice for the other
+    options: :meth:`auto_scale`)."""
 
     bits: int = 8
     block: int | None = None
@@ -64,12 +65,21 @@ class WeightOptions(Schema, frozen=True, kw_only=True):
                 raise ConfigError(f"weight block {self.block} with {self.bits} bits: per-block weights are stored as "
                                   f"INT4 (TensorRT takes block scales only for 4-bit weights); use bits 2..4 with a "
                                   "block, or no block for 5..8 bits")
-        if self.scale not in ("max", "mse"):
-            raise ConfigError(f"weight scale {self.scale!r} not supported; use max or mse")
+        if self.scale not in ("max", "mse", "auto"):
+            raise ConfigError(f"weight scale {self.scale!r} not supported; use max, mse or auto")
+
+    def auto_scale(self) -> Literal["max", "mse"]:
+        """What ``auto`` means for these options (max here; OPTQ overrides it)."""
+        return "max"
+
+    @property
+    def resolved_scale(self) -> Literal["max", "mse"]:
+        """``scale`` with ``auto`` resolved."""
+        return self.auto_scale() if self.scale == "auto" else self.scale
 
     @property
     def scale_method(self) -> ScaleMethod:
-        return ScaleMethod(self.scale)
+        return ScaleMethod(self.resolved_scale)
 
 
 class AxeOptions(WeightOptions, frozen=True, kw_only=True):

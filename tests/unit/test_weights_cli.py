@@ -108,8 +108,13 @@ def test_weight_flags_keep_the_recipes_bits_and_block_unless_told() -> None:
     assert weight_of("--weights", "optq", "--weight-bits", "3", "--act-order") == OptqConfig(bits=3, block=32,
                                                                                               scale="max")
     assert weight_of("--weights", "optq", "--no-act-order", "--weight-scale", "mse") == OptqConfig(
-        bits=4, block=32, act_order=False)
-    assert OptqConfig().act_order and OptqConfig().scale == "mse"  # OPTQ's own defaults
+        bits=4, block=32, act_order=False, scale="mse")
+    assert OptqConfig().act_order and OptqConfig().scale == "auto"  # OPTQ's own defaults
+    # auto: MSE scales, but max under an accumulator constraint (smaller scales would spend AXE's integer budget)
+    assert OptqConfig().resolved_scale == "mse" and OptqConfig(accumulator_bits=16).resolved_scale == "max"
+    assert OptqConfig(accumulator_bits=16, scale="mse").resolved_scale == "mse"  # said explicitly: kept
+    assert RtnConfig(scale="auto").resolved_scale == "max"
+    assert weight_of("--weights", "optq", "--weight-scale", "auto") == OptqConfig(bits=4, block=32)
     assert weight_of("--weights", "rtn", "--weight-bits", "8", "--weight-block", "0") == RtnConfig(bits=8)
     assert weight_flags(_args()) is None
     mixed = recipe.with_rules((Rule(select=Selector(roles=(Role.FC2,)), set=Settings(weight=RtnConfig(bits=8))),))
