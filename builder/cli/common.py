@@ -116,7 +116,13 @@ class WeightFlags:
     def apply(self, recipe: Recipe, report: GraphReport) -> Recipe:
         """``recipe`` with a last rule giving every INT8 weight GEMM this weight quantizer. ``bits``, ``block`` and
         ``scale`` not given on the command line are the recipe's own, when all its INT8 weight GEMMs agree on them
-        (so ``--recipe w4a16 --weights optq`` stays 4-bit in blocks of 128); ``--weight-block 0``: per channel."""
+        (so ``--recipe w4a16 --weights optq`` stays 4-bit in blocks of 128); ``--weight-block 0``: per channel.
+
+        With ``--weight-only`` the rule also makes the weight GEMMs quantized (integer weights, float inputs: W4A16 /
+        W8A16), on a float32 recipe (an FP16-converted one takes no quantized GEMM); the LM head joins them only
+        where the recipe already quantizes it (a float LM head is the usual weight-only choice). Without it, a
+        recipe that quantizes no weight GEMM is an error rather than a silent no-op."""
+        from builder.graph.report import Role
         from builder.quant.none import NoneConfig
         from builder.quant.registry import weight_config
         from builder.recipes.model import WEIGHT_GEMM_ROLES, Precision, Rule, Selector, Settings
@@ -125,8 +131,17 @@ class WeightFlags:
 
         given = dict(self.options)
         resolved = resolve(recipe, report, () if any(r.select.flagged for r in recipe.rules) else None)
-        bases = {tuple(getattr(n.settings.weight, k, None) for k in _INHERITED) for n in resolved.values()
-                 if n.settings.precision == Precision.INT8 and n.assignment.role in WEIGHT_GEMM_ROLES}
+        quantized = [n for n in resolved.values()
+                     if n.settings.precision == Precision.INT8 and n.assignment.role in WEIGHT_GEMM_ROLES]
+        if recipe.model_dtype != Precision.FP32:
+            raise ConfigError(f"recipe {recipe.name!r} converts the whole model to {recipe.model_dtype.value}, which "
+                              "takes no quantized GEMM; weight quantizers start from a float32 recipe, e.g. --recipe "
+                              f"int8-gemm {self.label} (with --weight-only, every INT8 GEMM of it becomes weight-only)")
+        if not quantized and not self.weight_only:
+            raise ConfigError(f"recipe {recipe.name!r} quantizes no weight GEMM of this model, so {self.label} would "
+                              "change nothing; add --weight-only for weight-only GEMMs (integer weights, float "
+                              "inputs: W4A16 / W8A16), or use a recipe with INT8 GEMMs (e.g. int8-gemm)")
+        bases = {tuple(getattr(n.settings.weight, k, None) for k in _INHERITED) for n in quantized}
         unset = [k for k in _INHERITED if k not in given]
         if len(bases) > 1 and unset:
             raise ConfigError(f"recipe {recipe.name!r} gives its INT8 weight GEMMs different weight "
@@ -138,10 +153,14 @@ class WeightFlags:
         if given.get("block") == 0:
             given["block"] = None
         config = weight_config({"quantizer": self.method, **given}, "--weights")
-        roles = tuple(sorted(WEIGHT_GEMM_ROLES, key=lambda r: r.value))
-        settings = Settings(weight=config, activation=NoneConfig() if self.weight_only else None)
-        return recipe.with_rules((Rule(select=Selector(roles=roles, optional=True), set=settings,
-                                       note=f"weight quantizer from the command line: {self.label}"),))
+        roles = set(WEIGHT_GEMM_ROLES)
+        if self.weight_only and not any(n.assignment.role == Role.LM_HEAD for n in quantized):
+            roles.discard(Role.LM_HEAD)
+        settings = (Settings(precision=Precision.INT8, weight=config, activation=NoneConfig()) if self.weight_only
+                    else Settings(weight=config))
+        return recipe.with_rules((Rule(select=Selector(roles=tuple(sorted(roles, key=lambda r: r.value)),
+                                                       optional=True),
+                                       set=settings, note=f"weight quantizer from the command line: {self.label}"),))
 
 
 _INHERITED = ("bits", "block", "scale")

@@ -142,3 +142,61 @@ def test_the_one_shot_takes_the_weight_flags(toy: tuple[Path, Path, Path], tmp_p
     assert main([*args[:-2], "--tile", "64", "--accumulator-bits", "16", "-o", str(tmp_path / "bad")]) == 2
     assert "larger than K=48" in capsys.readouterr().err  # before calibration: the folder holds no statistics
     assert not (tmp_path / "bad" / "statistics.npz").exists()
+
+
+def test_weight_flags_on_a_float_recipe_need_weight_only() -> None:
+    """``--recipe fp16 --weights optq`` used to change nothing (no GEMM of that recipe is quantized) and exit 0.
+    Now: an error naming the way out; ``--weight-only`` on a float32 recipe without INT8 GEMMs is W4A16 / W8A16,
+    the LM head kept as the recipe has it (float); on the FP16-converted recipe, an error before any work."""
+    from builder.recipes.resolve import resolve
+    from tests.toy_llama import llama_block_model
+
+    report = analyze(llama_block_model(layers=1), name="toy_llama")
+    plain = Recipe(name="float", rules=(), defaults=Settings(precision=Precision.FP32))
+    flags = weight_flags(_args("--weights", "optq", "--weight-bits", "4"))
+    assert flags is not None
+    with pytest.raises(ConfigError, match=r"quantizes no weight GEMM of this model.*add --weight-only"):
+        flags.apply(plain, report)
+    only = weight_flags(_args("--weights", "optq", "--weight-bits", "4", "--weight-only"))
+    assert only is not None
+    nodes = resolve(only.apply(plain, report), report).values()
+    by_role = {n.assignment.role: n.settings for n in nodes}
+    for role in (Role.Q_PROJ, Role.K_PROJ, Role.V_PROJ, Role.ATTN_OUT, Role.GATE_PROJ, Role.UP_PROJ, Role.FC2):
+        settings = by_role[role]
+        assert settings.precision == Precision.INT8 and settings.activation == NoneConfig(), role
+        assert settings.weight == OptqConfig(bits=4), role
+    assert by_role[Role.LM_HEAD].precision == Precision.FP32
+    fp16 = Recipe(name="fp16", rules=(), defaults=Settings(precision=Precision.FP16), model_dtype=Precision.FP16)
+    for given in (only, flags):
+        with pytest.raises(ConfigError, match=r"converts the whole model to fp16.*--recipe int8-gemm --weights optq"):
+            given.apply(fp16, report)
+
+
+def test_weight_only_flags_on_a_float_recipe_lower_and_run(toy: tuple[Path, Path, Path], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole one-shot with a float32 recipe and --weight-only: INT8 weights, float inputs, runs on ORT."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from builder.plan.artifact import load_plan
+
+    model, texts, _ = toy
+    recipe = tmp_path / "float.yaml"
+    recipe.write_text("version: 2\nname: float32\ndefaults: {precision: fp32}\nrules: []\n", encoding="utf-8")
+    folder = tmp_path / "run"
+    assert main([str(model), "--recipe", str(recipe), "--weights", "rtn", "--weight-only", "--calib-data",
+                 str(texts), "--samples", "16", "--batch-size", "8", "--no-build", "--no-evaluate", "--no-progress",
+                 "-o", str(folder)]) == 0, capsys.readouterr().err
+    plan = load_plan((folder / "plan.json").read_text(encoding="utf-8"))
+    assert len(plan.weights) == 6  # Q, K, V, attention out, FC1, FC2
+    assert plan.activations and {a.quantizer for a in plan.activations} == {"none"}  # their inputs stay float
+    lowered = onnx.load(str(folder / "model.onnx"))
+    assert sum(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 for i in lowered.graph.initializer) == 6
+    feed = {"input_ids": np.array([[101, 2023, 2003, 1037, 3231, 102]], dtype=np.int64),
+            "attention_mask": np.ones((1, 6), dtype=np.int64)}
+    names = [i.name for i in onnx.load(str(model)).graph.input]
+    feed = {k: v for k, v in feed.items() if k in names}
+    ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    out = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    cosine = float(np.sum(ref * out) / (np.linalg.norm(ref) * np.linalg.norm(out)))
+    assert cosine > 0.999  # 8-bit per-channel weights, float activations
