@@ -300,9 +300,16 @@ def write_quantized(folder: Path, result: Any, recipe_yaml: str | None) -> list[
 
 
 def quantize_summary(result: Any, variant: str) -> str:
+    """One line: what the plan quantized (activations, weights by bit width, weight-only GEMMs) and kept."""
+    from collections import Counter
+
     plan = result.plan
     kept = sum(1 for n in plan.nodes if n.precision.value != "int8")
-    return (f"{plan.recipe_name} ({variant}): {len(plan.activations)} quantized activations, "
-            f"{len(plan.weights)} INT8 weights, {kept} nodes kept in higher precision, "
-            f"INT8 GEMM-FLOP share {plan.int8_gemm_flop_share:.1%}")
+    quantized = sum(1 for a in plan.activations if a.quantizer != "none")
+    widths = Counter(int(getattr(w.config, "bits", 8)) for w in plan.weights)
+    weights = ", ".join(f"{count} {bits}-bit" for bits, count in sorted(widths.items(), reverse=True)) or "0"
+    weight_only = len(plan.weight_only_nodes)
+    return (f"{plan.recipe_name} ({variant}): {quantized} quantized activations, {weights} integer weights"
+            f"{f' ({weight_only} GEMMs weight-only)' if weight_only else ''}, {kept} nodes kept in higher "
+            f"precision, INT8 GEMM-FLOP share {plan.int8_gemm_flop_share:.1%}")
 

@@ -86,10 +86,20 @@ class QuantPlan(Schema, frozen=True, kw_only=True):
     nodes: tuple[NodePlan, ...]
 
     @property
+    def weight_only_nodes(self) -> frozenset[str]:
+        """INT8-planned GEMMs whose activation inputs all stay float (quantizer ``none``): integer weights,
+        float arithmetic (W4A16 / W8A16)."""
+        float_in = {c for a in self.activations if a.quantizer == "none" for c in a.consumers}
+        quantized_in = {c for a in self.activations if a.quantizer != "none" for c in a.consumers}
+        return frozenset(float_in - quantized_in)
+
+    @property
     def int8_gemm_flop_share(self) -> float:
-        """Share of GEMM FLOPs (weight GEMMs and attention batched MatMuls) that runs in INT8."""
+        """Share of GEMM FLOPs (weight GEMMs and attention batched MatMuls) that runs in INT8 (weight-only GEMMs
+        compute in float, so they do not count)."""
         total = sum(n.gemm_flops for n in self.nodes)
-        int8 = sum(n.gemm_flops for n in self.nodes if n.precision == Precision.INT8)
+        weight_only = self.weight_only_nodes
+        int8 = sum(n.gemm_flops for n in self.nodes if n.precision == Precision.INT8 and n.node not in weight_only)
         return 0.0 if total == 0.0 else int8 / total
 
     @property

@@ -190,6 +190,10 @@ def test_weight_only_flags_on_a_float_recipe_lower_and_run(toy: tuple[Path, Path
     plan = load_plan((folder / "plan.json").read_text(encoding="utf-8"))
     assert len(plan.weights) == 6  # Q, K, V, attention out, FC1, FC2
     assert plan.activations and {a.quantizer for a in plan.activations} == {"none"}  # their inputs stay float
+    assert len(plan.weight_only_nodes) == 6 and plan.int8_gemm_flop_share == 0.0  # no GEMM computes in INT8
+    summary = capsys.readouterr().out
+    assert "0 quantized activations, 6 8-bit integer weights (6 GEMMs weight-only)" in summary, summary
+    assert "INT8 GEMM-FLOP share 0.0%" in summary
     lowered = onnx.load(str(folder / "model.onnx"))
     assert sum(i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2 for i in lowered.graph.initializer) == 6
     feed = {"input_ids": np.array([[101, 2023, 2003, 1037, 3231, 102]], dtype=np.int64),
