@@ -168,6 +168,10 @@ def run_pipeline(request: PipelineRequest, *, statistics: Statistics | None = No
     if request.weights is not None:
         recipe = request.weights.apply(recipe, report)
     check_recipe(model, report, recipe)  # so do weight configs that do not fit the GEMMs (block, tile)
+    if request.build is not None:
+        from builder.engine.build import check_profiles_for
+
+        check_profiles_for(model, request.build)  # so do shape profiles the graph cannot take (a KV cache: --past)
     encoder = request.calibration.encoder(request.model_path)  # so does a missing or mismatched tokenizer
     total = 3 + (request.build is not None) + (evaluation is not None)
     outcomes: list[StepOutcome] = []

@@ -99,3 +99,23 @@ def test_position_tables_bound_the_sequence_the_model_can_run() -> None:
     longer = np.full((1, 64), 5, dtype=np.int64)
     with pytest.raises(Exception, match="out of data bounds"):
         session.run(None, {"input_ids": longer, "attention_mask": np.ones_like(longer)})
+
+
+def test_a_decoder_without_past_is_refused_before_calibration(bpe256: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The one-shot checks the engine's shape profiles before any work: a KV-cache graph built without
+    ``--past`` used to be told so only at the build step, after calibration and quantization."""
+    import shutil
+
+    from builder.cli.main import main
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(model_path("llama-kv"), folder / "model.onnx")
+    shutil.copy(bpe256, folder / "tokenizer.json")
+    out = tmp_path / "out"
+    args = [str(folder / "model.onnx"), "--recipe", "int8-gemm", "--calib-data", "lee", "--samples", "16",
+            "--batch-size", "8", "--max-length", "32", "--no-evaluate", "--no-progress", "-o", str(out)]
+    assert main(args) == 2
+    assert "give its length range with --past" in capsys.readouterr().err
+    assert not (out / "statistics.npz").exists()
