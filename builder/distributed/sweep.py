@@ -161,11 +161,14 @@ def _write_engine(built: BuiltEngine, recipe_dir: Path, engine_dir: Path) -> Non
 
 def run_sweep(request: SweepRequest) -> SweepReport:
     """Calibrate once, then quantize, build and evaluate every task of the matrix; write the table and plot."""
+    from builder.engine.build import check_profiles_for
     from builder.intake.prepare import prepare_model
     from builder.pipeline import analyze_model, resolve_recipe
 
     check_request(request)
     prepared = prepare_model(request.model_path)
+    for task in request.tasks():  # shape profiles the graph cannot take (a KV cache without --past): before any work
+        check_profiles_for(prepared.model, task.options(request.options))
     report = analyze_model(prepared.model, request.model_path.stem)
     for recipe in request.recipes:
         resolve_recipe(recipe, report)  # a bad recipe fails before calibration

@@ -119,3 +119,8 @@ def test_a_decoder_without_past_is_refused_before_calibration(bpe256: Path, tmp_
     assert main(args) == 2
     assert "give its length range with --past" in capsys.readouterr().err
     assert not (out / "statistics.npz").exists()
+    sweep = ["sweep", str(folder / "model.onnx"), "--recipes", "int8-gemm", "--arch", "sm86", "--calib-data", "lee",
+             "--samples", "16", "--batch-size", "8", "--max-length", "32", "--no-progress", "-o", str(out)]
+    assert main(sweep) == 2  # the sweep too: before its shared calibration
+    assert "give its length range with --past" in capsys.readouterr().err
+    assert not list(out.rglob("statistics.npz"))
