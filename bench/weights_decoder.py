@@ -8,8 +8,8 @@ ModelOpt's INT4 rtn_dq with the same block runs beside it (``.venv-modelopt``). 
 slice (builder.evaluate, 8 windows x 512 tokens). Writes engines/bench/weights_decoder.json and .md.
 
 ``--block``, ``--[no-]act-order`` and ``--scale`` set the INT4 block and the quantizers' options for every row
-(act-order does not apply to RTN; OPTQ's defaults are act-order and MSE scales): ``--block 32`` is the closest to
-FP32 measured so far.
+(act-order does not apply to RTN; OPTQ's defaults are act-order and, without AXE, MSE scales): ``--block 32``
+is the closest to FP32 measured so far.
 """
 
 from __future__ import annotations

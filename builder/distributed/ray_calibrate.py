@@ -183,17 +183,16 @@ class _Cluster:
         return self.module
 
 
-def default_shards(config: ShardConfig, cluster: _Cluster | None = None) -> int:
-    """The shard count of ``config``: given, or one per CPU of the cluster (or of this machine in-process)."""
+def default_shards(config: ShardConfig, cluster: _Cluster) -> int:
+    """The shard count of ``config``: given, one in-process, or one per CPU of the cluster."""
     import os
 
     if config.shards is not None:
         return config.shards
     if config.address is None:
         return 1
-    with contextlib.ExitStack() as stack:
-        ray = (cluster or _Cluster(config, stack)).ray()
-        return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)) // config.cpus_per_shard)
+    ray = cluster.ray()
+    return max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)) // config.cpus_per_shard)
 
 
 def collect_sharded(model: onnx.ModelProto | Path, feeds: Sequence[Feed], tensors: Sequence[str],
