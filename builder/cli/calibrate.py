@@ -18,7 +18,9 @@ views: ranges.json (one range per tensor with --method: max, percentile, entropy
 EntropyCalibration2, or mse) and calibration.cache (TensorRT's format, for implicit-INT8 builds).
 --report adds the outlier report (outliers.md / .json and per-dimension range plots).
 Data: vader (rated movie sentences; calibration split disjoint from evaluation), lee (gensim Lee background
-corpus) or a .txt (one text per line) / .jsonl ({"text": ...} per line) file.
+corpus), shakespeare (passages of running text) or a .txt (one text per line) / .jsonl ({"text": ...} per line)
+file. The default, auto, is shakespeare for a language model (KV-cache inputs or a logits output) and vader for
+anything else.
 """
 
 EPILOG = """\
@@ -102,7 +104,7 @@ def _calibrate(args: argparse.Namespace, output: Path) -> int:
     if result.resumed_batches:
         print(f"reused {result.resumed_batches} of {statistics.batches} batches from {output / STATE_FILE} "
               "(--fresh starts over)")
-    print(f"calibrated {len(tensors)} tensors on {statistics.samples} texts ({args.calib_data}) in "
+    print(f"calibrated {len(tensors)} tensors on {statistics.samples} texts ({settings.data}) in "
           f"{collected_s:.1f} s; ranges.json and calibration.cache use method {spec.label}")
     print(f"wrote {output / STATE_FILE}, {output / 'ranges.json'}, {output / 'calibration.cache'}")
     if args.report:

@@ -19,11 +19,15 @@ if TYPE_CHECKING:
     from calib.ranges import RangeSpec
 
 
+AUTO_DATA, SENTENCE_DATA, TEXT_DATA = "auto", "vader", "shakespeare"  # --calib-data auto picks one of the two
+
+
 def add_calib_data_arguments(group: argparse._ArgumentGroup) -> None:
     """Where calibration text comes from and how it is batched (read by :func:`calib_settings`)."""
-    group.add_argument("--calib-data", "--data", dest="calib_data", default="vader",
-                       help="vader or lee (sentences), shakespeare (passages, for decoders), or a .txt/.jsonl "
-                            "file (default: vader)")
+    group.add_argument("--calib-data", "--data", dest="calib_data", default=AUTO_DATA,
+                       help="vader or lee (sentences), shakespeare (passages), or a .txt/.jsonl file; auto: "
+                            "shakespeare for a language model (a KV cache or a [batch, seq, vocab] logits output), "
+                            "vader otherwise (default: auto)")
     group.add_argument("--samples", type=int, default=512, help="calibration texts (default: 512)")
     group.add_argument("--seed", type=int, default=0, help="data split and shuffle seed (default: 0)")
     group.add_argument("--batch-size", type=int, default=16, help="texts per batch (default: 16)")
@@ -44,13 +48,36 @@ def add_range_view_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--percentile", type=float, help="percentile for --method percentile (e.g. 99.99)")
 
 
+def calib_data_for(data: str, model: Path) -> str:
+    """``data`` with ``auto`` resolved for ``model``: ``shakespeare`` (running text) for a language model -- KV-cache
+    inputs, or a rank-3 output whose name contains ``logits`` -- else ``vader`` (single sentences, what sentence
+    encoders see). A model that cannot be read resolves to ``vader``; the step that opens it reports why."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    from calib.errors import CalibrationError
+    from calib.model_inputs import model_inputs
+
+    if data != AUTO_DATA:
+        return data
+    try:
+        graph = onnx.load(str(model), load_external_data=False)  # structure only
+        cache = model_inputs(graph).cache
+    except (OSError, ValueError, RuntimeError, DecodeError, CalibrationError):
+        return SENTENCE_DATA
+    logits = any("logits" in o.name.lower() and len(o.type.tensor_type.shape.dim) == 3 for o in graph.graph.output)
+    return TEXT_DATA if cache or logits else SENTENCE_DATA
+
+
 def calib_settings(args: argparse.Namespace) -> CalibSettings:
-    """The CalibSettings of the ``calibration data`` flag group (and ``--bins`` where a command has it)."""
+    """The CalibSettings of the ``calibration data`` flag group (and ``--bins`` where a command has it), with
+    ``--calib-data auto`` resolved for ``args.model`` (:func:`calib_data_for`)."""
     from builder.cli.steps import CalibSettings
     from calib.histogram import DEFAULT_BINS
 
-    return CalibSettings(data=args.calib_data, samples=args.samples, seed=args.seed, batch_size=args.batch_size,
-                         max_length=args.max_length, tokenizer=args.tokenizer, input_map=tuple(args.input_map),
+    return CalibSettings(data=calib_data_for(args.calib_data, Path(args.model)), samples=args.samples,
+                         seed=args.seed, batch_size=args.batch_size, max_length=args.max_length,
+                         tokenizer=args.tokenizer, input_map=tuple(args.input_map),
                          bins=getattr(args, "bins", DEFAULT_BINS))
 
 

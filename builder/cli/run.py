@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 HELP = """\
 Run the whole pipeline on an ONNX model: analyze, calibrate, quantize, build, evaluate.
 
-The model is calibrated on real text (--calib-data: vader, lee, shakespeare or a .txt/.jsonl file), lowered
+The model is calibrated on real text (--calib-data: vader, lee, shakespeare or a .txt/.jsonl file; auto, the
+default, picks shakespeare for a language model and vader otherwise), lowered
 with a recipe (--recipe: a preset or a YAML file, plus --fallback rules) into a Q/DQ ONNX graph, built into an
 engine with the best available backend (--backend auto: full TensorRT if installed, else TensorRT-RTX ahead of
 time on the CPU) and evaluated against the FP32 model on ONNX Runtime. All artifacts land in the output folder

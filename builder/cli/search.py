@@ -287,7 +287,7 @@ def _progress_bar(args: argparse.Namespace, metric: str) -> Iterator[Callable[[A
 
 def _text(args: argparse.Namespace) -> str:
     """The corpus of a decoder's held-out and test windows: --text, else the calibration corpus."""
-    return str(args.text or ("shakespeare" if args.calib_data == "vader" else args.calib_data))
+    return str(args.text or ("shakespeare" if args.calib_data in ("auto", "vader") else args.calib_data))
 
 
 def _search(args: argparse.Namespace, folder: Path) -> int:
