@@ -43,6 +43,8 @@ class OptqConfig(AxeOptions, frozen=True, kw_only=True):
     bits they change nothing measurable (W8A8 0.9929 -> 0.9930). MSE scales are smaller, so the same weights take
     larger integers and AXE's L1 budget (in integer units) clips more of them: MiniLM W4A8 AXE P16 T128 with
     act-order has cosine 0.9163 with MSE scales and 0.9620 with max scales (1,000-sentence probe subset).
+    OPTQ's MSE search weighs each input's rounding error by its Hessian diagonal H_kk (calib.weights.optq): on
+    SmolLM2 W4A16 g32 (128 x 256 calibration tokens) perplexity went from +7.44% to +5.80% over FP32.
 
     ``percdamp``: damping percdamp * mean(diag H), 0..10 (default 0.01). ``lazy_block``: inputs per lazy batch
     update (128). ``static_scales``: with a ``block``, fix every block's scale from the float weight before the

@@ -9,6 +9,7 @@ Rows of our W [K, N] are the paper's columns (one input feature each):
     U = upper Cholesky factor of H^-1  (U^T U = H^-1)
     for each lazy block [i1, i2) of rows:                   for each row t in the block:
         (per-block scales: at a block start, recompute the block's scales from the current weights)
+        (MSE scales weigh input k's rounding error by H_kk, the diagonal of the output error OPTQ minimises)
         a = W[t]  (AXE: soft threshold, then the running clamp; W[t] = a)
         q = round(a / s);  e = (a - s q) / U[t, t];  W[t:i2] -= U[t, t:i2]^T e;  E[t - i1] = e
         W[i2:] -= U[i1:i2, i2:]^T E                          (the lazy update of the remaining rows)
@@ -71,6 +72,7 @@ class _Pass:
     codes: I8  # [K, N] output codes, permuted
     block_scales: F32 | None = None  # [K/B, N] when per-block scales are recomputed during the pass
     axe: AxeConstraint | None = None
+    importance: F64 | None = None  # [K] diag(H), permuted: each input's weight in the MSE scale search
 
     def recompute_block(self, t: int, i1: int, pending: F64) -> None:
         """Scales of the block starting at row t from the current weights (pending lazy updates included)."""
@@ -82,7 +84,8 @@ class _Pass:
         if beyond < block:
             count = t - i1
             rows[beyond:] -= self.u[i1:t, i2:t + block].T @ pending[:count]
-        s = choose_scales(rows, self.config.bits, None, self.config.scale_method)
+        weights = None if self.importance is None else self.importance[t:t + block]
+        s = choose_scales(rows, self.config.bits, None, self.config.scale_method, weights)
         self.block_scales[t // block] = s
         self.srows[t:t + block] = s.astype(np.float64)[None, :]
 
@@ -125,10 +128,11 @@ def optq(weight: npt.NDArray[np.floating], hessian: npt.NDArray[np.floating], co
     tile = check_target(config.accumulator, k, config.bits, config.block) if config.accumulator else None
     w = np.asarray(weight, dtype=np.float64).copy()
     recompute = config.block is not None and not config.static_block_scales and scales is None
+    importance = np.diag(h).copy()  # MSE scales weigh each input's rounding error by H_kk (its output effect)
     if scales is not None:
         s = check_scales(scales, k, n, config.block)
     else:
-        s = choose_scales(weight, config.bits, config.block, config.scale_method)
+        s = choose_scales(weight, config.bits, config.block, config.scale_method, importance)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0
     w[dead] = 0.0
@@ -137,7 +141,7 @@ def optq(weight: npt.NDArray[np.floating], hessian: npt.NDArray[np.floating], co
     axe = AxeConstraint(config.accumulator, w, srows, tile) if config.accumulator and tile else None
     state = _Pass(w=w[perm], u=inverse_cholesky_upper(h[np.ix_(perm, perm)], config.percdamp), perm=perm,
                   srows=srows[perm], config=config, codes=np.zeros((k, n), dtype=np.int8), axe=axe,
-                  block_scales=s.copy() if recompute else None)
+                  block_scales=s.copy() if recompute else None, importance=importance[perm])
     state.run()
     codes = np.empty_like(state.codes)
     codes[perm] = state.codes

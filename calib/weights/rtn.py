@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from calib.errors import ConfigError
 from calib.weights.config import RtnConfig, ScaleMethod
 from calib.weights.grid import (
     F32,
@@ -47,14 +48,23 @@ def max_scales(weight: npt.NDArray[np.floating], bits: int, block: int | None = 
     return _scale_from_amax(amax, bits).reshape(scale_shape(k, n, block))
 
 
-def mse_scales(weight: npt.NDArray[np.floating], bits: int, block: int | None = None) -> F32:
-    """Per group, the shrink r * amax (r = 1.00, 0.99, ..., 0.20) minimising sum (w - s*q(w/s))**2.
+def mse_scales(weight: npt.NDArray[np.floating], bits: int, block: int | None = None,
+               importance: npt.NDArray[np.floating] | None = None) -> F32:
+    """Per group, the shrink r * amax (r = 1.00, 0.99, ..., 0.20) minimising sum_k c_k (w - s*q(w/s))**2.
 
-    Ties keep the larger scale (the first candidate, r = 1, is max scaling).
+    ``importance`` c ([K], finite, >= 0; default all 1) weighs each input's error: OPTQ passes diag(H), so the
+    scale minimises the diagonal part of the GEMM's output error on the calibration inputs rather than the plain
+    weight error. Ties keep the larger scale (the first candidate, r = 1, is max scaling).
     """
     check_bits(bits)
     k, n = check_weight(weight, block)
     w = _grouped(weight, block)
+    weights = None
+    if importance is not None:
+        c = np.asarray(importance, dtype=np.float64)
+        if c.shape != (k,) or not np.all(np.isfinite(c)) or np.any(c < 0):
+            raise ConfigError(f"input importance must be {k} finite non-negative values, got shape {list(c.shape)}")
+        weights = c.reshape(w.shape[0], w.shape[1], 1)
     amax = np.max(np.abs(w), axis=1).astype(np.float64)
     best = _scale_from_amax(amax, bits)
     best_err = np.full(best.shape, np.inf)
@@ -62,17 +72,20 @@ def mse_scales(weight: npt.NDArray[np.floating], bits: int, block: int | None = 
         candidate = _scale_from_amax(amax * (1.0 - i / MSE_GRID), bits)
         s = candidate[:, None, :]
         deq = round_to_grid(w / s, bits).astype(np.float32) * s
-        err = np.sum(np.square((w - deq).astype(np.float64)), axis=1)
+        sq = np.square((w - deq).astype(np.float64))
+        err = np.sum(sq if weights is None else sq * weights, axis=1)
         better = err < best_err
         best = np.where(better, candidate, best)
         best_err = np.where(better, err, best_err)
     return best.reshape(scale_shape(k, n, block))
 
 
-def choose_scales(weight: npt.NDArray[np.floating], bits: int, block: int | None, method: ScaleMethod) -> F32:
-    """Scales of ``weight`` by ``method`` (see :class:`calib.weights.config.ScaleMethod`)."""
+def choose_scales(weight: npt.NDArray[np.floating], bits: int, block: int | None, method: ScaleMethod,
+                  importance: npt.NDArray[np.floating] | None = None) -> F32:
+    """Scales of ``weight`` by ``method`` (see :class:`calib.weights.config.ScaleMethod`); ``importance``
+    weighs each input's error in the MSE search (:func:`mse_scales`)."""
     if method == ScaleMethod.MSE:
-        return mse_scales(weight, bits, block)
+        return mse_scales(weight, bits, block, importance)
     return max_scales(weight, bits, block)
 
 

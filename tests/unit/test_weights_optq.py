@@ -112,6 +112,18 @@ def test_optq_beats_rtn_on_its_objective_at_low_bits() -> None:
         assert loss(optq(w, h, OptqConfig(bits=bits)).dequantize()) < 0.9 * baseline
 
 
+def test_mse_scales_weigh_each_input_by_the_hessian_diagonal() -> None:
+    from calib.weights import ScaleMethod, mse_scales
+
+    w, _, h = _problem(seed=6, k=96)
+    got = optq(w, h, OptqConfig(bits=4, block=32, scale_method=ScaleMethod.MSE, static_block_scales=True))
+    expected = mse_scales(w, 4, block=32, importance=np.diag(h))
+    np.testing.assert_array_equal(got.scales, expected)
+    assert not np.array_equal(expected, mse_scales(w, 4, block=32))  # the weighting changes the choice here
+    same = optq(w, h, OptqConfig(bits=4, block=32, static_block_scales=True), scales=expected)
+    np.testing.assert_array_equal(got.values, same.values)
+
+
 def test_bad_hessians_are_rejected() -> None:
     w = np.ones((2, 3), np.float32)
     with pytest.raises(CalibrationError, match="not positive definite"):

@@ -81,6 +81,33 @@ def test_mse_scales_equal_a_brute_force_search_and_never_lose_to_max() -> None:
     assert mse_scales(w, 4)[0] < max_scales(w, 4)[0]
 
 
+def test_weighted_mse_scales_equal_a_brute_force_search_per_block() -> None:
+    w = _weight(k=48, n=5, seed=7)
+    importance = np.random.default_rng(8).uniform(0.0, 4.0, size=48)
+    importance[:6] = 0.0  # inputs that never carry signal do not count
+    got = mse_scales(w, 4, block=12, importance=importance)
+    for g in range(4):
+        rows = slice(12 * g, 12 * (g + 1))
+        for c in range(w.shape[1]):
+            col = w[rows, c].astype(np.float64)
+            amax = float(np.abs(w[rows, c]).max())
+            best, best_err = None, np.inf
+            for i in range(81):
+                s = np.float32(amax * (1 - i / 100) / 7)
+                err = float(np.sum(importance[rows] * (col - s * np.clip(np.rint(w[rows, c] / s), -7, 7)) ** 2))
+                if err < best_err:
+                    best, best_err = s, err
+            assert got[g, c] == best
+    np.testing.assert_array_equal(mse_scales(w, 4, block=12, importance=np.ones(48)), mse_scales(w, 4, block=12))
+    assert not np.array_equal(got, mse_scales(w, 4, block=12))
+
+
+@pytest.mark.parametrize("importance", [np.ones(47), -np.ones(48), np.full(48, np.nan)])
+def test_bad_importance_is_rejected(importance: np.ndarray) -> None:
+    with pytest.raises(ConfigError, match="importance"):
+        mse_scales(_weight(k=48), 4, importance=importance)
+
+
 def test_caller_scales_and_dequantize() -> None:
     w = _weight(k=8, n=3)
     s = np.array([0.1, 0.2, 0.3], np.float32)
