@@ -247,7 +247,8 @@ def heldout_perplexity(setup: Setup) -> Any:
     from builder.evaluate.runner import OrtRunner
     from calib.data import CorpusSplit, calibration_texts
 
-    held = calibration_texts(SOURCE, CALIB_SAMPLES + 64)[CALIB_SAMPLES:]  # same shuffle: disjoint from setup.texts
+    used = len(setup.texts)
+    held = calibration_texts(SOURCE, used + 64)[used:]  # same shuffle: disjoint from setup.texts
     windows = lm_windows(setup.encoder, CorpusSplit(source=f"{SOURCE} calibration-side held-out", calibration=(),
                                                     evaluation=tuple(held)), 256, 6)
 

@@ -26,6 +26,7 @@ OUT_DIR = Path("engines/bench")
 SOURCE, CALIB_SAMPLES, MAX_LENGTH, BATCH = "shakespeare", 64, 256, 4
 WINDOW, WINDOWS = 512, 8
 BLOCK = 64
+HELDOUT = 64  # passages after the calibration ones (bench.decoder.heldout_perplexity: 6 windows x 256)
 HEADER = ("model", "perplexity", "vs FP32", "top-1 agree", "KL", "quantize s")
 
 logger = logging.getLogger("bench.weights_decoder")
@@ -42,26 +43,42 @@ def _recipe(method: str, options: dict[str, Any] | None = None) -> Any:
         precision=Precision.INT8, activation=NoneConfig(), weight=config)),))
 
 
-def build(setup: Any, feeds: list[dict[str, Any]], methods: list[str],
-          options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, float]]:
-    """name -> (model or None, seconds, error) for our rows; the shared pass timings."""
-    from bench.decoder import calibrate
+def build(setup: Any, feeds: list[dict[str, Any]], methods: list[str], options: dict[str, Any] | None = None,
+          select: list[float] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """name -> (model or None, seconds, error) for our rows; the shared pass timings (and, with ``select``, the
+    first-token weights OPTQ tried on held-out calibration-side passages, best first)."""
+    from bench.decoder import calibrate, heldout_perplexity
     from builder.pipeline import calibrate_weight_inputs, plan_model, quantize_planned
 
     started = time.perf_counter()
     statistics = calibrate(setup, feeds)
-    passes = {"calibration_s": time.perf_counter() - started, "hessian_s": 0.0}
+    passes: dict[str, Any] = {"calibration_s": time.perf_counter() - started, "hessian_s": 0.0}
     out: dict[str, Any] = {}
     for method in methods:
         started = time.perf_counter()
-        own = {k: v for k, v in (options or {}).items() if k != "act_order" or method != "rtn"}
+        own = {k: v for k, v in (options or {}).items()
+               if method == "optq" or k not in ("act_order", "first_token_weight") or (k, method) == ("act_order",
+                                                                                                     "gpfq")}
         plan = plan_model(setup.fp32, setup.report, _recipe(method, own), statistics)
         if method == "optq":
             statistics = calibrate_weight_inputs(setup.fp32, plan, statistics, feeds)
             passes["hessian_s"] = time.perf_counter() - started
             started = time.perf_counter()
+        if method == "optq" and select:
+            heldout, tried = heldout_perplexity(setup), []
+            for weight in select:  # the Hessians keep the first-token rows: one pass serves every weight
+                own = {**own, "first_token_weight": weight}
+                model = quantize_planned(setup.fp32, plan_model(setup.fp32, setup.report, _recipe(method, own),
+                                                                statistics), statistics, feeds=feeds).model.model
+                tried.append({"first_token_weight": weight, "heldout_perplexity": heldout(model)})
+                logger.info("first-token weight %g: held-out perplexity %.3f", weight, tried[-1]["heldout_perplexity"])
+            passes["first_token_selection"] = sorted(tried, key=lambda t: t["heldout_perplexity"])
+            own = {**own, "first_token_weight": passes["first_token_selection"][0]["first_token_weight"]}
+            plan = plan_model(setup.fp32, setup.report, _recipe(method, own), statistics)
+            started = time.perf_counter()
         result = quantize_planned(setup.fp32, plan, statistics, feeds=feeds)
-        label = " ".join(f"{k}={v}" for k, v in own.items() if k != "block" and (k, v) != ("scale", "max"))
+        label = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in own.items()
+                         if k != "block" and (k, v) != ("scale", "max"))
         block = (options or {}).get("block", BLOCK)
         out[f"W4A16 g{block} {method}{' ' + label if label else ''}"] = (result.model.model,
                                                                           time.perf_counter() - started, "")
@@ -113,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                         help="optq/gpfq: inputs by descending Hessian diagonal (default: the quantizer's)")
     parser.add_argument("--scale", choices=("max", "mse"), help="weight scales (default: the quantizer's)")
+    parser.add_argument("--select-first-token-weight", type=lambda v: [float(x) for x in v.split(",")],
+                        metavar="W,W,...", help="optq: try these first-token weights and keep the one with the lowest "
+                                                "perplexity on held-out calibration-side passages (never the "
+                                                "evaluation slice)")
+    parser.add_argument("--first-token-weight", type=float,
+                        help="optq: each calibration text's first token counted this many times in the Hessian "
+                             "(default: the quantizer's)")
     parser.add_argument("--max-length", type=int, default=MAX_LENGTH,
                         help=f"tokens per calibration passage ({MAX_LENGTH})")
     parser.add_argument("--out", type=Path, default=OUT_DIR)
@@ -126,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                   encoder=model_text_encoder(path), texts=calibration_texts(SOURCE, args.samples))
     feeds = calibration_feeds(setup, max_length=args.max_length)
     options = {"block": args.block, **({"scale": args.scale} if args.scale else {}),
-               **({"act_order": args.act_order} if args.act_order is not None else {})}
-    models, passes = build(setup, feeds, list(args.methods), options)
+               **({"act_order": args.act_order} if args.act_order is not None else {}),
+               **({"first_token_weight": args.first_token_weight} if args.first_token_weight is not None else {})}
+    models, passes = build(setup, feeds, list(args.methods), options, args.select_first_token_weight)
     if not args.no_modelopt:
         with tempfile.TemporaryDirectory(prefix="bench-weights-decoder-") as work:
             models[f"modelopt int4 rtn_dq g{args.block}"] = modelopt_rtn(setup, feeds, Path(work), args.block)
@@ -149,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"tokens; calibration {len(setup.texts)} passages x {args.max_length} tokens "
                 f"({passes['calibration_s']:.1f} s), "
                 f"Hessian pass {passes['hessian_s']:.1f} s\n\n" + "\n".join(lines) + "\n")
+    if passes.get("first_token_selection"):
+        tried = ", ".join(f"{t['first_token_weight']:g}: {t['heldout_perplexity']:.3f}"
+                          for t in sorted(passes["first_token_selection"], key=lambda t: t["first_token_weight"]))
+        markdown += (f"\nOPTQ's first-token weight, chosen by perplexity on {HELDOUT} held-out calibration-side "
+                     f"passages (never the evaluation slice): {tried}\n")
     print(markdown)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "weights_decoder.md", markdown)

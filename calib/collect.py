@@ -334,13 +334,14 @@ def _fold_batch(run: _Run, session: Any, feed: Feed, outputs: list[npt.NDArray[A
         run.stats = _new_stats(run.names, run.layouts, opts.ids_input in feed, opts)
     mask = feed.get(opts.mask_input)
     ids = feed.get(opts.ids_input)
-    run.folder.fold(run.stats, run.layouts, run_names, outputs, batch=run.batches,
+    batch = opts.batch_offset + run.batches  # global index: first-token sample ids stay unique across shards
+    run.folder.fold(run.stats, run.layouts, run_names, outputs, batch=batch,
                     mask=None if mask is None or np.ndim(mask) != 2 else np.asarray(mask).astype(bool),
                     ids=None if ids is None else np.asarray(ids))
     for name in run.names:
         if name in graph_inputs:
             rows, _ = valid_rows(np.asarray(feed[name], dtype=np.float32), run.layouts[name], None)
-            run.stats[name].update(rows, batch=run.batches)
+            run.stats[name].update(rows, batch=batch)
     run.batches += 1
     run.samples += int(next(iter(feed.values())).shape[0]) if feed else 0
 

@@ -16,8 +16,8 @@ import numpy as np
 import numpy.typing as npt
 
 from calib import fused
-from calib.layout import TensorLayout, token_row_max, valid_rows
-from calib.observers import Scratch, TokenRows
+from calib.layout import TensorLayout, first_token_rows, token_row_max, valid_rows
+from calib.observers import FirstRows, Scratch, TokenRows
 from calib.statistics import TensorStatistics
 
 Mask = npt.NDArray[np.bool_]
@@ -89,4 +89,20 @@ def observe(stats: TensorStatistics, layout: TensorLayout, value: npt.NDArray[An
     rows, row_ids = valid_rows(x, layout, mask, token_ids)
     reduced = token_row_max(x, layout, mask, token_ids)
     stats.update(rows, row_ids, batch=batch, scratch=scratch,
-                 token_rows=None if reduced is None else TokenRows(*reduced))
+                 token_rows=None if reduced is None else TokenRows(*reduced),
+                 first_rows=_first_rows(stats, layout, x, mask, batch))
+
+
+SAMPLES_PER_BATCH_ID = 1 << 24  # global sample id = batch index * this + index in the batch
+
+
+def _first_rows(stats: TensorStatistics, layout: TensorLayout, x: npt.NDArray[np.float32], mask: Mask | None,
+                batch: int) -> FirstRows | None:
+    """Each sample's first-token row with its global sample id, for the tensors a Hessian is collected of."""
+    if "hessian" not in stats.observers:
+        return None
+    found = first_token_rows(x, layout, mask)
+    if found is None:
+        return None
+    rows, samples = found
+    return FirstRows(np.ascontiguousarray(rows, dtype=np.float32), batch * SAMPLES_PER_BATCH_ID + samples)

@@ -47,7 +47,9 @@ class HessianKind:
             return
         if self.observer is None:
             self.observer = HessianObserver(int(rows.shape[1]))
-        self.observer.update(np.asarray(rows, dtype=np.float32))
+        first = view.first_rows
+        self.observer.update(np.asarray(rows, dtype=np.float32), None if first is None else first.rows,
+                             None if first is None else first.ids)
 
     def merge(self, other: HessianKind) -> HessianKind:
         if other.observer is None:
@@ -68,11 +70,12 @@ class HessianKind:
         """K, once a batch was seen."""
         return None if self.observer is None else self.observer.features
 
-    def matrix(self) -> F64:
-        """OPTQ's H = 2/n X^T X (float64 [K, K]); CalibrationError before any row."""
+    def matrix(self, first_weight: float = 1.0) -> F64:
+        """OPTQ's H = 2/n X^T X (float64 [K, K]), the first-token rows weighed ``first_weight`` times
+        (calib.weights.hessian.HessianObserver.matrix); CalibrationError before any row."""
         if self.observer is None:
             raise CalibrationError("the Hessian observer has seen no rows")
-        return self.observer.matrix()
+        return self.observer.matrix(first_weight)
 
     def state(self) -> State:
         return {} if self.observer is None else self.observer.state()

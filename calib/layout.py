@@ -81,6 +81,33 @@ def _prefix_slices(x: F32, axes: list[int], lengths: I64, width: int) -> F32:
     return np.concatenate(pieces) if pieces else x.reshape(-1, width)[:0]
 
 
+def first_token_rows(x: F32, layout: TensorLayout, mask: Mask | None) -> tuple[F32, I64] | None:
+    """``(rows [M, D], samples [M])``: the row of each sample's first valid token (position 0 of its text) and
+    the sample's index in the batch (samples without a valid token are left out); None when ``x`` has no single
+    token axis 1 (or a flattened batch*sequence axis 0) with a feature axis last.
+
+    Every later token attends to the first one, so its activations reach every output of the sample (the
+    "attention sink"); OPTQ can weigh these rows more (calib.weights.hessian).
+    """
+    if not layout.has_dims or x.ndim < 2:
+        return None
+    if layout.flattened:
+        if mask is None or x.ndim != 2 or x.shape[0] != mask.size:
+            return None
+        m = np.asarray(mask, dtype=bool)
+        samples = np.flatnonzero(m.any(axis=1)).astype(np.int64)
+        return x[samples * m.shape[1] + np.argmax(m[samples], axis=1)], samples
+    if layout.token_axes != (1,) or x.ndim != 3:
+        return None
+    if mask is None:
+        return x[:, 0, :], np.arange(x.shape[0], dtype=np.int64)
+    m = np.asarray(mask, dtype=bool)
+    if m.shape != x.shape[:2]:
+        return None
+    samples = np.flatnonzero(m.any(axis=1)).astype(np.int64)
+    return x[samples, np.argmax(m[samples], axis=1)], samples
+
+
 def valid_rows(x: F32, layout: TensorLayout, mask: Mask | None,
                ids: I64 | None = None) -> tuple[F32, I64 | None]:
     """The non-padding values of ``x`` as rows [N, D] (D = last axis, or 1 without per-dim rows).

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, Protocol, Self
+from typing import Any, ClassVar, NamedTuple, Protocol, Self
 
 import numpy as np
 import numpy.typing as npt
@@ -95,18 +95,28 @@ def column_reduce(rows: F32, ufunc: np.ufunc) -> F32:
     return result
 
 
+class FirstRows(NamedTuple):
+    """The first-token row [M, D] of each sample of a batch and the samples' global ids [M] (unique per pass)."""
+
+    rows: F32
+    ids: I64
+
+
 class RowsView:
     """One batch of one tensor: valid rows [N, D] (float32) and what several observers derive from them.
 
     ``sentinel`` marks additive attention-mask values (<= -1e30 or -inf) that every statistic excludes; the
     derived values are computed once per batch, whichever observers ask for them. ``scratch`` (optional)
     lends reusable buffers; ``token_rows`` (optional, never with a sentinel) gives the token observer its row
-    maxima already reduced.
+    maxima already reduced; ``first_rows`` (optional) holds each sample's first-token row with its global sample
+    id (kept by the Hessian observer; calib.layout.first_token_rows).
     """
 
     def __init__(self, rows: F32, row_ids: I64 | None = None, sentinel: npt.NDArray[np.bool_] | None = None, *,
-                 scratch: Scratch | None = None, token_rows: TokenRows | None = None) -> None:
+                 scratch: Scratch | None = None, token_rows: TokenRows | None = None,
+                 first_rows: FirstRows | None = None) -> None:
         self.rows = rows
+        self.first_rows = first_rows
         self.row_ids = row_ids
         self.sentinel = sentinel
         self.scratch = scratch

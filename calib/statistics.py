@@ -36,6 +36,7 @@ from calib.observers import (
     MASK_SENTINEL,
     OBSERVER_KINDS,
     DimRangeObserver,
+    FirstRows,
     HistogramObserver,
     MinMaxObserver,
     RowsView,
@@ -108,7 +109,7 @@ class TensorStatistics:
                                    f"{', '.join(self.observers) or 'none'}); calibrate with that observer") from None
 
     def update(self, rows: F32, row_ids: I64 | None = None, *, batch: int = 0, scratch: Scratch | None = None,
-               token_rows: TokenRows | None = None) -> None:
+               token_rows: TokenRows | None = None, first_rows: FirstRows | None = None) -> None:
         """Fold one batch of valid rows [N, D] (padding already removed).
 
         ``scratch`` lends reusable buffers (one per folding thread); ``token_rows`` are the token observer's row
@@ -118,7 +119,7 @@ class TensorStatistics:
             return
         if rows.dtype != np.float32:
             rows = rows.astype(np.float32)
-        view = RowsView(rows, row_ids, scratch=scratch, token_rows=token_rows)
+        view = RowsView(rows, row_ids, scratch=scratch, token_rows=token_rows, first_rows=first_rows)
         lo, hi = view.bounds
         if not (np.isfinite(lo) and np.isfinite(hi)) or lo <= MASK_SENTINEL:
             view = self._masked_view(rows, row_ids, batch)

@@ -94,7 +94,8 @@ WEIGHT_METHODS = ("rtn", "optq", "gpfq")
 _WEIGHT_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "weight_bits": ("bits", WEIGHT_METHODS), "weight_block": ("block", WEIGHT_METHODS),
     "weight_scale": ("scale", WEIGHT_METHODS), "act_order": ("act_order", ("optq", "gpfq")),
-    "percdamp": ("percdamp", ("optq",)), "accumulator_bits": ("accumulator_bits", ("optq", "gpfq")),
+    "percdamp": ("percdamp", ("optq",)), "first_token_weight": ("first_token_weight", ("optq",)),
+    "accumulator_bits": ("accumulator_bits", ("optq", "gpfq")),
     "activation_bits": ("activation_bits", ("optq", "gpfq")), "tile": ("tile", ("optq", "gpfq")),
     "axe_strict_only": ("soft", ("optq", "gpfq")),
 }
@@ -118,6 +119,9 @@ def add_weight_arguments(group: argparse._ArgumentGroup) -> None:
                        help="optq/gpfq: visit inputs by descending Hessian diagonal (default: on for optq, off for "
                             "gpfq)")
     group.add_argument("--percdamp", type=float, help="optq: Hessian damping, a share of its mean diagonal (0.01)")
+    group.add_argument("--first-token-weight", type=float, metavar="W",
+                       help="optq: count each calibration text's first token W times in the Hessian (every later "
+                            "token attends to it; decoders' attention sink) (default: the recipe's, else 1)")
     group.add_argument("--accumulator-bits", type=int, metavar="P",
                        help="optq/gpfq with AXE: no input in range overflows a signed P-bit accumulator")
     group.add_argument("--activation-bits", type=int, metavar="N",

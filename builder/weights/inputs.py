@@ -93,21 +93,24 @@ def input_maps(edge: ActivationEdge | None, weight_shape: tuple[int, ...], axis:
     return {view: _classify(value if axis % 2 == 1 else value.T, node, view) for view, value in views.items()}
 
 
-class FixedHessian:
-    """A Hessian already reduced (mapped to a weight view): what the OPTQ quantizer reads as ``hessian``."""
+class MappedHessian:
+    """The tensor's Hessian mapped to a weight view: what the OPTQ quantizer reads as ``hessian``."""
 
     kind = "hessian"
 
-    def __init__(self, matrix: F64) -> None:
-        self._matrix = matrix
+    def __init__(self, source: Any, mapping: InputMap) -> None:
+        self._source = source
+        self._mapping = mapping
 
-    def matrix(self) -> F64:
-        return self._matrix
+    def matrix(self, first_weight: float = 1.0) -> F64:
+        """The mapped H, its first-token rows weighed ``first_weight`` times (the map is linear in H)."""
+        out: F64 = self._mapping.hessian(self._source.matrix(first_weight))
+        return out
 
 
 def view_statistics(stats: TensorStatistics | None, mapping: InputMap, view: str) -> TensorStatistics | None:
     """The input statistics of a weight view: the tensor's own for the identity map, else its Hessian mapped."""
     if stats is None or mapping.kind == "identity" or "hessian" not in stats.observers:
         return stats
-    observers: dict[str, Any] = {"hessian": FixedHessian(mapping.hessian(stats.observers["hessian"].matrix()))}
+    observers: dict[str, Any] = {"hessian": MappedHessian(stats.observers["hessian"], mapping)}
     return TensorStatistics(tensor=f"{stats.tensor}#{view}", observers=observers)

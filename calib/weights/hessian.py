@@ -47,7 +47,14 @@ def _sub_state(state: State, prefix: str) -> State:
 
 
 class HessianObserver:
-    """Streaming X^T X of a GEMM input with K features; :meth:`matrix` gives OPTQ's H = 2/n X^T X."""
+    """Streaming X^T X of a GEMM input with K features; :meth:`matrix` gives OPTQ's H = 2/n X^T X.
+
+    Beside the exact sum it keeps the first-token row of every sample with the sample's global id (``first``:
+    float32 rows sorted by id, so shards merge to the same arrays in any order): :meth:`matrix` can weigh those
+    rows ``first_weight`` times, H = 2/n (X^T X + (w - 1) X0^T X0). The first token of a text is the one every
+    later token attends to (the attention sink of decoders), so an error in its activations reaches every
+    output; a plain X^T X counts it once in n.
+    """
 
     def __init__(self, features: int, frac_bits: int = DEFAULT_FRAC_BITS) -> None:
         if features < 1:
@@ -55,14 +62,32 @@ class HessianObserver:
         self.features = int(features)
         self.count = 0
         self._sum = ExactSum((self.features, self.features), frac_bits=frac_bits)
+        self.first_rows: F32 = np.zeros((0, self.features), dtype=np.float32)
+        self.first_ids: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
 
-    def update(self, rows: F32) -> None:
-        """Add the rows [n, K] (float32) of one batch."""
+    def update(self, rows: F32, first_rows: F32 | None = None, first_ids: npt.NDArray[np.int64] | None = None
+               ) -> None:
+        """Add the rows [n, K] (float32) of one batch, and optionally its samples' first-token rows [m, K] with
+        their global sample ids [m]."""
         x = _check_rows(rows, self.features, "Hessian")
         if x.shape[0] == 0:
             return
         self._sum.add(x.T @ x)
         self.count += int(x.shape[0])
+        if first_rows is not None and first_ids is not None:
+            _check_rows(first_rows, self.features, "first-token")
+            self._add_first(np.asarray(first_rows, dtype=np.float32), np.asarray(first_ids, dtype=np.int64))
+
+    def _add_first(self, rows: F32, ids: npt.NDArray[np.int64]) -> None:
+        if rows.shape[0] != ids.shape[0]:
+            raise CalibrationError(f"{rows.shape[0]} first-token rows but {ids.shape[0]} sample ids")
+        all_ids = np.concatenate([self.first_ids, ids])
+        order = np.argsort(all_ids, kind="stable")
+        all_ids = all_ids[order]
+        if all_ids.size > 1 and bool(np.any(all_ids[1:] == all_ids[:-1])):
+            raise CalibrationError("a sample's first-token row was folded twice (overlapping shards?)")
+        self.first_rows = np.concatenate([self.first_rows, rows])[order]
+        self.first_ids = all_ids
 
     def merge(self, other: HessianObserver) -> HessianObserver:
         """Fold another shard's observer of the same input into this one; returns self."""
@@ -70,22 +95,34 @@ class HessianObserver:
             raise CalibrationError(f"cannot merge a Hessian of {other.features} features into one of {self.features}")
         self._sum.merge(other._sum)
         self.count += other.count
+        self._add_first(other.first_rows, other.first_ids)
         return self
 
     def gram(self) -> F64:
         """The exact-summed X^T X as float64 [K, K]."""
         return self._sum.value()
 
-    def matrix(self) -> F64:
-        """OPTQ's Hessian H = 2/n X^T X (float64 [K, K])."""
+    def matrix(self, first_weight: float = 1.0) -> F64:
+        """OPTQ's Hessian H = 2/n (X^T X + (first_weight - 1) X0^T X0) (float64 [K, K]); X0: the first-token rows."""
         if self.count == 0:
             raise CalibrationError("the Hessian observer has seen no rows")
-        out: F64 = self._sum.value() * (2.0 / self.count)
+        if not np.isfinite(first_weight) or first_weight < 0:
+            raise CalibrationError(f"first-token weight {first_weight!r} must be finite and >= 0")
+        gram = self._sum.value()
+        if first_weight != 1.0:
+            if self.first_rows.shape[0] == 0:
+                raise CalibrationError("first-token weight needs the first-token rows of the calibration texts, and "
+                                       "these statistics hold none (collected before they were kept, or the input "
+                                       "has no token axis); collect the Hessians again")
+            x0 = self.first_rows.astype(np.float64)
+            gram = gram + (first_weight - 1.0) * (x0.T @ x0)
+        out: F64 = gram * (2.0 / self.count)
         return out
 
     def state(self) -> State:
         return {f"xtx.{k}": v for k, v in self._sum.state().items()} | {
-            "count": np.asarray(self.count, dtype=np.int64)}
+            "count": np.asarray(self.count, dtype=np.int64), "first.rows": self.first_rows,
+            "first.ids": self.first_ids}
 
     @classmethod
     def from_state(cls, state: State) -> HessianObserver:
@@ -96,6 +133,13 @@ class HessianObserver:
         out = cls(total.shape[0], frac_bits=total.frac_bits)
         out._sum = total
         out.count = int(state["count"])
+        if "first.rows" in state:  # absent from statistics written before first-token rows were kept
+            rows = np.asarray(state["first.rows"], dtype=np.float32)
+            ids = np.asarray(state["first.ids"], dtype=np.int64)
+            if rows.ndim != 2 or rows.shape[1] != out.features or ids.shape != (rows.shape[0],):
+                raise CalibrationError(f"Hessian first-token rows {list(rows.shape)} / ids {list(ids.shape)} do not "
+                                       f"fit {out.features} features")
+            out._add_first(rows, ids)
         return out
 
 

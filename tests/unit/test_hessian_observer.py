@@ -130,3 +130,29 @@ def test_add_observers_refuses_another_model_and_a_kind_twice(toy: Any) -> None:
         add_observers(first, extra)
     with pytest.raises(CalibrationError, match="already has"):
         add_observers(first, calibrate(model, report, feeds).statistics.subset(inputs))
+
+
+def test_first_token_rows_are_the_inputs_at_each_texts_first_position(toy: Any) -> None:
+    import onnxruntime as ort
+
+    from calib.fold import SAMPLES_PER_BATCH_ID
+
+    model, _, feeds, inputs = toy
+    tensor = inputs[0]
+    stats = collect(model, feeds, [tensor], CollectOptions(kinds=(), extra_kinds=_wanted([tensor]))).statistics
+    observer = stats.get(tensor).observers["hessian"].observer
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    exposed.graph.output.append(onnx.helper.make_tensor_value_info(tensor, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(exposed.SerializeToString(), providers=["CPUExecutionProvider"])
+    rows, ids = [], []
+    for index, feed in enumerate(feeds):
+        (x,) = session.run([tensor], feed)
+        for b in range(x.shape[0]):  # right padding: every text starts at position 0
+            rows.append(x[b, 0])
+            ids.append(index * SAMPLES_PER_BATCH_ID + b)
+    np.testing.assert_array_equal(observer.first_ids, np.array(ids))
+    np.testing.assert_array_equal(observer.first_rows, np.stack(rows))
+    x0 = np.stack(rows).astype(np.float64)
+    plain = observer.matrix()
+    np.testing.assert_allclose(observer.matrix(9.0), plain + 8.0 * 2.0 / observer.count * (x0.T @ x0), rtol=1e-12)

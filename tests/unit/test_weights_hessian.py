@@ -175,3 +175,54 @@ def test_hessian_observer_rejects_bad_rows() -> None:
         GpfqObserver(3).update(np.zeros((2, 3), np.float32), np.zeros((1, 3), np.float32))
     with pytest.raises(CalibrationError, match="features"):
         obs.merge(HessianObserver(4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=sharded())
+def test_first_token_rows_merge_in_any_grouping_and_order_equal_one_pass(
+        case: tuple[list[np.ndarray], list[list[int]], list[int]]) -> None:
+    batches, shards, merge_order = case
+
+    def fold(obs: HessianObserver, index: int) -> None:
+        rows = batches[index]
+        obs.update(rows, rows[:2], np.arange(min(2, len(rows)), dtype=np.int64) + 100 * index)
+
+    whole = HessianObserver(K)
+    for i in range(len(batches)):
+        fold(whole, i)
+    parts = []
+    for shard in shards:
+        obs = HessianObserver(K)
+        for i in shard:
+            fold(obs, i)
+        parts.append(obs)
+    merged = HessianObserver(K)
+    for j in merge_order:
+        merged.merge(HessianObserver.from_state(parts[j].state()))
+    _assert_same_state(merged.state(), whole.state())
+    assert np.all(np.diff(whole.first_ids) > 0)
+
+
+def test_first_token_weight_adds_the_first_rows_gram() -> None:
+    rows = np.array([[1, 2], [3, -1], [0, 5], [2, 2]], dtype=np.float32)
+    obs = HessianObserver(2)
+    obs.update(rows[:2], rows[:1], np.array([0]))
+    obs.update(rows[2:], rows[2:3], np.array([7]))
+    x, x0 = rows.astype(np.float64), rows[[0, 2]].astype(np.float64)
+    np.testing.assert_array_equal(obs.matrix(), 2.0 / 4 * (x.T @ x))  # integer rows: exact
+    np.testing.assert_array_equal(obs.matrix(16.0), 2.0 / 4 * (x.T @ x + 15.0 * (x0.T @ x0)))
+    np.testing.assert_array_equal(obs.matrix(0.0), 2.0 / 4 * (x.T @ x - x0.T @ x0))  # first tokens left out
+    with pytest.raises(CalibrationError, match="overlapping"):
+        obs.update(rows[:1], rows[:1], np.array([7]))
+    with pytest.raises(CalibrationError, match="first-token weight"):
+        obs.matrix(-1.0)
+
+
+def test_statistics_without_first_rows_load_and_refuse_a_first_token_weight() -> None:
+    obs = HessianObserver(2)
+    obs.update(np.eye(2, dtype=np.float32))
+    legacy = {k: v for k, v in obs.state().items() if not k.startswith("first.")}
+    loaded = HessianObserver.from_state(legacy)
+    np.testing.assert_array_equal(loaded.matrix(), obs.matrix())
+    with pytest.raises(CalibrationError, match="collect the Hessians again"):
+        loaded.matrix(4.0)
