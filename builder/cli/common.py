@@ -114,7 +114,7 @@ def add_weight_arguments(group: argparse._ArgumentGroup) -> None:
                             "the recipe's")
     group.add_argument("--weight-scale", choices=("max", "mse", "auto"),
                        help="weight scales: max, mse or auto (optq: mse, or max with --accumulator-bits; others: "
-                            "max) (default: the recipe's)")
+                            "max) (default: the recipe's when it uses the same quantizer, else the quantizer's)")
     group.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                        help="optq/gpfq: visit inputs by descending Hessian diagonal (default: on for optq, off for "
                             "gpfq)")
@@ -145,9 +145,11 @@ class WeightFlags:
     weight_only: bool = False  # the GEMM inputs stay float (activation quantizer none)
 
     def apply(self, recipe: Recipe, report: GraphReport) -> Recipe:
-        """``recipe`` with a last rule giving every INT8 weight GEMM this weight quantizer. ``bits``, ``block`` and
-        ``scale`` not given on the command line are the recipe's own, when all its INT8 weight GEMMs agree on them
-        (so ``--recipe w4a16 --weights optq`` stays 4-bit in blocks of 128); ``--weight-block 0``: per channel.
+        """``recipe`` with a last rule giving every INT8 weight GEMM this weight quantizer. ``bits`` and ``block``
+        not given on the command line are the recipe's own, when all its INT8 weight GEMMs agree on them (so
+        ``--recipe w4a16 --weights optq`` stays 4-bit in blocks of 128), and so is ``scale`` when the recipe uses
+        the same quantizer (else the quantizer's default: OPTQ's ``auto``, not RTN's ``max``); ``--weight-block
+        0``: per channel.
 
         With ``--weight-only`` the rule also makes the weight GEMMs quantized (integer weights, float inputs: W4A16 /
         W8A16), on a float32 recipe (an FP16-converted one takes no quantized GEMM); the LM head joins them only
@@ -155,7 +157,7 @@ class WeightFlags:
         recipe that quantizes no weight GEMM is an error rather than a silent no-op."""
         from builder.graph.report import Role
         from builder.quant.none import NoneConfig
-        from builder.quant.registry import weight_config
+        from builder.quant.registry import quantizer_of, weight_config
         from builder.recipes.model import WEIGHT_GEMM_ROLES, Precision, Rule, Selector, Settings
         from builder.recipes.resolve import resolve
         from calib.errors import ConfigError
@@ -172,14 +174,18 @@ class WeightFlags:
             raise ConfigError(f"recipe {recipe.name!r} quantizes no weight GEMM of this model, so {self.label} would "
                               "change nothing; add --weight-only for weight-only GEMMs (integer weights, float "
                               "inputs: W4A16 / W8A16), or use a recipe with INT8 GEMMs (e.g. int8-gemm)")
-        bases = {tuple(getattr(n.settings.weight, k, None) for k in _INHERITED) for n in quantized}
-        unset = [k for k in _INHERITED if k not in given]
+        # a scale is a quantizer's own choice (RTN's max is not OPTQ's auto): inherited only from the same quantizer
+        same = all(n.settings.weight is not None and quantizer_of(n.settings.weight).name == self.method
+                   for n in quantized)
+        inherited = _INHERITED if same else tuple(k for k in _INHERITED if k != "scale")
+        bases = {tuple(getattr(n.settings.weight, k, None) for k in inherited) for n in quantized}
+        unset = [k for k in inherited if k not in given]
         if len(bases) > 1 and unset:
             raise ConfigError(f"recipe {recipe.name!r} gives its INT8 weight GEMMs different weight "
                               f"{'/'.join(unset)} ({sorted(map(str, bases))}); say which with --weight-bits, "
                               "--weight-block, --weight-scale")
         if len(bases) == 1:
-            base = dict(zip(_INHERITED, next(iter(bases)), strict=True))
+            base = dict(zip(inherited, next(iter(bases)), strict=True))
             given = {k: v for k, v in base.items() if k in unset and v is not None} | given
         if given.get("block") == 0:
             given["block"] = None

@@ -104,9 +104,15 @@ def test_weight_flags_keep_the_recipes_bits_and_block_unless_told() -> None:
         assert flags_ is not None
         return flags_.apply(recipe, report).rules[-1].set.weight
 
-    assert weight_of("--weights", "optq") == OptqConfig(bits=4, block=32, scale="max")  # the recipe's scale
-    assert weight_of("--weights", "optq", "--weight-bits", "3", "--act-order") == OptqConfig(bits=3, block=32,
-                                                                                              scale="max")
+    # bits and block are the recipe's; its scale is RTN's choice, so OPTQ keeps its own (auto)
+    assert weight_of("--weights", "optq") == OptqConfig(bits=4, block=32)
+    assert weight_of("--weights", "optq", "--weight-bits", "3", "--act-order") == OptqConfig(bits=3, block=32)
+    assert weight_of("--weights", "rtn") == RtnConfig(bits=4, block=32)
+    same = Recipe(name="w4-optq-max", rules=(Rule(select=Selector(roles=roles), set=Settings(
+        precision=Precision.INT8, activation=NoneConfig(), weight=OptqConfig(bits=4, block=32, scale="max"))),))
+    flags_same = weight_flags(_args("--weights", "optq"))
+    assert flags_same is not None  # the same quantizer: its scale is inherited
+    assert flags_same.apply(same, report).rules[-1].set.weight == OptqConfig(bits=4, block=32, scale="max")
     assert weight_of("--weights", "optq", "--no-act-order", "--weight-scale", "mse") == OptqConfig(
         bits=4, block=32, act_order=False, scale="mse")
     assert OptqConfig().act_order and OptqConfig().scale == "auto"  # OPTQ's own defaults
