@@ -1,15 +1,17 @@
 """Weight-quantizer benchmark on a decoder (`python -m bench.weights_decoder`): SmolLM2-135M-Instruct W4A16.
 
 Every linear layer of every block (Q/K/V, attention output, gate/up, down; the tied LM head stays float, as
-ModelOpt's INT4 default keeps it) reads INT4 weights in blocks of 64 inputs (SmolLM2's hidden width 576 is not a
+ModelOpt's INT4 default keeps it) reads INT4 weights in blocks of 32 inputs (SmolLM2's hidden width 576 is not a
 multiple of 128) with float activations; RTN and OPTQ, OPTQ from the Hessians of a second pass over the same
-calibration batches as bench/decoder.py (64 passages x 256 tokens of the calibration slice of ``shakespeare``).
+calibration batches (128 passages x 256 tokens of the calibration slice of ``shakespeare``). OPTQ's
+first-token weight is chosen among ``--select-first-token-weight`` (1, 4, 16, 64, 256) by perplexity on 64
+held-out calibration-side passages (bench.decoder.heldout_perplexity; one Hessian pass serves every weight).
 ModelOpt's INT4 rtn_dq with the same block runs beside it (``.venv-modelopt``). Perplexity on the evaluation
 slice (builder.evaluate, 8 windows x 512 tokens). Writes engines/bench/weights_decoder.json and .md.
 
-``--block``, ``--[no-]act-order`` and ``--scale`` set the INT4 block and the quantizers' options for every row
-(act-order does not apply to RTN; OPTQ's defaults are act-order and, without AXE, MSE scales): ``--block 32``
-is the closest to FP32 measured so far.
+``--block``, ``--[no-]act-order``, ``--scale`` and ``--first-token-weight`` set the INT4 block and the
+quantizers' options for every row (act-order and the first-token weight do not apply to RTN; OPTQ's defaults
+are act-order and, without AXE, MSE scales weighed by the Hessian diagonal).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 OUT_DIR = Path("engines/bench")
-SOURCE, CALIB_SAMPLES, MAX_LENGTH, BATCH = "shakespeare", 64, 256, 4
+SOURCE, CALIB_SAMPLES, MAX_LENGTH, BATCH = "shakespeare", 128, 256, 4
 WINDOW, WINDOWS = 512, 8
-BLOCK = 64
+BLOCK = 32
+SELECT = (1.0, 4.0, 16.0, 64.0, 256.0)  # first-token weights tried on held-out passages
 HELDOUT = 64  # passages after the calibration ones (bench.decoder.heldout_perplexity: 6 windows x 256)
 HEADER = ("model", "perplexity", "vs FP32", "top-1 agree", "KL", "quantize s")
 
@@ -125,15 +128,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="*", default=["rtn", "optq"], choices=("rtn", "optq", "gpfq"))
     parser.add_argument("--no-modelopt", action="store_true")
-    parser.add_argument("--samples", type=int, default=CALIB_SAMPLES, help="calibration passages (64)")
-    parser.add_argument("--block", type=int, default=BLOCK, help="inputs per INT4 scale block (64; 32 is finer)")
+    parser.add_argument("--samples", type=int, default=CALIB_SAMPLES, help=f"calibration passages ({CALIB_SAMPLES})")
+    parser.add_argument("--block", type=int, default=BLOCK, help=f"inputs per INT4 scale block ({BLOCK})")
     parser.add_argument("--act-order", action=argparse.BooleanOptionalAction,
                         help="optq/gpfq: inputs by descending Hessian diagonal (default: the quantizer's)")
     parser.add_argument("--scale", choices=("max", "mse"), help="weight scales (default: the quantizer's)")
-    parser.add_argument("--select-first-token-weight", type=lambda v: [float(x) for x in v.split(",")],
-                        metavar="W,W,...", help="optq: try these first-token weights and keep the one with the lowest "
-                                                "perplexity on held-out calibration-side passages (never the "
-                                                "evaluation slice)")
+    parser.add_argument("--select-first-token-weight", type=lambda v: [float(x) for x in v.split(",") if x],
+                        default=list(SELECT), metavar="W,W,...",
+                        help="optq: try these first-token weights and keep the one with the lowest perplexity on "
+                             "held-out calibration-side passages, never the evaluation slice (default "
+                             f"{','.join(f'{w:g}' for w in SELECT)}; empty or with --first-token-weight: no choice)")
     parser.add_argument("--first-token-weight", type=float,
                         help="optq: each calibration text's first token counted this many times in the Hessian "
                              "(default: the quantizer's)")
@@ -152,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     options = {"block": args.block, **({"scale": args.scale} if args.scale else {}),
                **({"act_order": args.act_order} if args.act_order is not None else {}),
                **({"first_token_weight": args.first_token_weight} if args.first_token_weight is not None else {})}
-    models, passes = build(setup, feeds, list(args.methods), options, args.select_first_token_weight)
+    select = None if args.first_token_weight is not None else args.select_first_token_weight
+    models, passes = build(setup, feeds, list(args.methods), options, select)
     if not args.no_modelopt:
         with tempfile.TemporaryDirectory(prefix="bench-weights-decoder-") as work:
             models[f"modelopt int4 rtn_dq g{args.block}"] = modelopt_rtn(setup, feeds, Path(work), args.block)
