@@ -62,8 +62,8 @@ class HessianObserver:
         self.features = int(features)
         self.count = 0
         self._sum = ExactSum((self.features, self.features), frac_bits=frac_bits)
-        self.first_rows: F32 = np.zeros((0, self.features), dtype=np.float32)
-        self.first_ids: npt.NDArray[np.int64] = np.zeros(0, dtype=np.int64)
+        # first-token rows in chunks of ascending, disjoint ids (appended as batches arrive); joined when read
+        self._first: list[tuple[F32, npt.NDArray[np.int64]]] = []
 
     def update(self, rows: F32, first_rows: F32 | None = None, first_ids: npt.NDArray[np.int64] | None = None
                ) -> None:
@@ -76,18 +76,41 @@ class HessianObserver:
         self.count += int(x.shape[0])
         if first_rows is not None and first_ids is not None:
             _check_rows(first_rows, self.features, "first-token")
-            self._add_first(np.asarray(first_rows, dtype=np.float32), np.asarray(first_ids, dtype=np.int64))
+            # copies: the chunk is kept, and the caller's arrays may be views of buffers it reuses
+            self._add_first(np.array(first_rows, dtype=np.float32), np.array(first_ids, dtype=np.int64))
 
     def _add_first(self, rows: F32, ids: npt.NDArray[np.int64]) -> None:
         if rows.shape[0] != ids.shape[0]:
             raise CalibrationError(f"{rows.shape[0]} first-token rows but {ids.shape[0]} sample ids")
+        if ids.size == 0:
+            return
+        ascending = ids.size == 1 or bool(np.all(ids[1:] > ids[:-1]))
+        if ascending and (not self._first or int(ids[0]) > int(self._first[-1][1][-1])):
+            self._first.append((rows, ids))  # batches in order: no copy of what came before
+            return
         all_ids = np.concatenate([self.first_ids, ids])
         order = np.argsort(all_ids, kind="stable")
         all_ids = all_ids[order]
         if all_ids.size > 1 and bool(np.any(all_ids[1:] == all_ids[:-1])):
             raise CalibrationError("a sample's first-token row was folded twice (overlapping shards?)")
-        self.first_rows = np.concatenate([self.first_rows, rows])[order]
-        self.first_ids = all_ids
+        self._first = [(np.concatenate([self.first_rows, rows])[order], all_ids)]
+
+    def _joined(self) -> tuple[F32, npt.NDArray[np.int64]]:
+        if not self._first:
+            return np.zeros((0, self.features), dtype=np.float32), np.zeros(0, dtype=np.int64)
+        if len(self._first) > 1:
+            self._first = [(np.concatenate([r for r, _ in self._first]), np.concatenate([i for _, i in self._first]))]
+        return self._first[0]
+
+    @property
+    def first_rows(self) -> F32:
+        """The first-token rows [M, K] (float32), by ascending sample id."""
+        return self._joined()[0]
+
+    @property
+    def first_ids(self) -> npt.NDArray[np.int64]:
+        """The global sample ids [M] of :attr:`first_rows`, ascending."""
+        return self._joined()[1]
 
     def merge(self, other: HessianObserver) -> HessianObserver:
         """Fold another shard's observer of the same input into this one; returns self."""

@@ -133,7 +133,7 @@ def optq(weight: npt.NDArray[np.floating], hessian: npt.NDArray[np.floating], co
         s = check_scales(scales, k, n, config.block)
     else:
         s = choose_scales(weight, config.bits, config.block, config.scale_method, importance)
-    dead = np.diag(h) == 0
+    dead = importance == 0
     h[dead, dead] = 1.0
     w[dead] = 0.0
     perm = np.argsort(-np.diag(h), kind="stable") if config.act_order else np.arange(k)
