@@ -30,6 +30,8 @@ WINDOW, WINDOWS = 512, 8
 BLOCK = 32
 SELECT = (1.0, 4.0, 16.0, 64.0, 256.0)  # first-token weights tried on held-out passages
 HELDOUT = 64  # passages after the calibration ones (bench.decoder.heldout_perplexity: 6 windows x 256)
+# options that only some quantizers take (the rest apply to every row)
+OPTION_METHODS = {"act_order": ("optq", "gpfq"), "first_token_weight": ("optq",)}
 HEADER = ("model", "perplexity", "vs FP32", "top-1 agree", "KL", "quantize s")
 
 logger = logging.getLogger("bench.weights_decoder")
@@ -46,12 +48,22 @@ def _recipe(method: str, options: dict[str, Any] | None = None) -> Any:
         precision=Precision.INT8, activation=NoneConfig(), weight=config)),))
 
 
+def _quantized(setup: Any, statistics: Any, feeds: list[dict[str, Any]], method: str,
+               options: dict[str, Any]) -> tuple[Any, float]:
+    """The W4A16 model of ``method`` with ``options`` (planned and quantized) and the seconds it took."""
+    from builder.pipeline import plan_model, quantize_planned
+
+    started = time.perf_counter()
+    plan = plan_model(setup.fp32, setup.report, _recipe(method, options), statistics)
+    return quantize_planned(setup.fp32, plan, statistics, feeds=feeds).model.model, time.perf_counter() - started
+
+
 def build(setup: Any, feeds: list[dict[str, Any]], methods: list[str], options: dict[str, Any] | None = None,
           select: list[float] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """name -> (model or None, seconds, error) for our rows; the shared pass timings (and, with ``select``, the
     first-token weights OPTQ tried on held-out calibration-side passages, best first)."""
     from bench.decoder import calibrate, heldout_perplexity
-    from builder.pipeline import calibrate_weight_inputs, plan_model, quantize_planned
+    from builder.pipeline import calibrate_weight_inputs, plan_model
 
     started = time.perf_counter()
     statistics = calibrate(setup, feeds)
@@ -59,33 +71,30 @@ def build(setup: Any, feeds: list[dict[str, Any]], methods: list[str], options: 
     out: dict[str, Any] = {}
     for method in methods:
         started = time.perf_counter()
-        own = {k: v for k, v in (options or {}).items()
-               if method == "optq" or k not in ("act_order", "first_token_weight") or (k, method) == ("act_order",
-                                                                                                     "gpfq")}
-        plan = plan_model(setup.fp32, setup.report, _recipe(method, own), statistics)
+        own = {k: v for k, v in (options or {}).items() if method in OPTION_METHODS.get(k, (method,))}
         if method == "optq":
+            plan = plan_model(setup.fp32, setup.report, _recipe(method, own), statistics)
             statistics = calibrate_weight_inputs(setup.fp32, plan, statistics, feeds)
             passes["hessian_s"] = time.perf_counter() - started
-            started = time.perf_counter()
         if method == "optq" and select:
-            heldout, tried = heldout_perplexity(setup), []
+            heldout, tried, best = heldout_perplexity(setup), [], None
             for weight in select:  # the Hessians keep the first-token rows: one pass serves every weight
-                own = {**own, "first_token_weight": weight}
-                model = quantize_planned(setup.fp32, plan_model(setup.fp32, setup.report, _recipe(method, own),
-                                                                statistics), statistics, feeds=feeds).model.model
+                model, seconds = _quantized(setup, statistics, feeds, method, {**own, "first_token_weight": weight})
                 tried.append({"first_token_weight": weight, "heldout_perplexity": heldout(model)})
                 logger.info("first-token weight %g: held-out perplexity %.3f", weight, tried[-1]["heldout_perplexity"])
+                if best is None or tried[-1]["heldout_perplexity"] < best[0]["heldout_perplexity"]:
+                    best = (tried[-1], model, seconds)  # only the best model is kept: not quantized again
+            assert best is not None
             passes["first_token_selection"] = sorted(tried, key=lambda t: t["heldout_perplexity"])
-            own = {**own, "first_token_weight": passes["first_token_selection"][0]["first_token_weight"]}
-            plan = plan_model(setup.fp32, setup.report, _recipe(method, own), statistics)
-            started = time.perf_counter()
-        result = quantize_planned(setup.fp32, plan, statistics, feeds=feeds)
+            own = {**own, "first_token_weight": best[0]["first_token_weight"]}
+            model, seconds = best[1], best[2]
+        else:
+            model, seconds = _quantized(setup, statistics, feeds, method, own)
         label = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in own.items()
                          if k != "block" and (k, v) != ("scale", "max"))
         block = (options or {}).get("block", BLOCK)
-        out[f"W4A16 g{block} {method}{' ' + label if label else ''}"] = (result.model.model,
-                                                                          time.perf_counter() - started, "")
-        logger.info("%s done in %.1f s", method, time.perf_counter() - started)
+        out[f"W4A16 g{block} {method}{' ' + label if label else ''}"] = (model, seconds, "")
+        logger.info("%s done in %.1f s", method, seconds)
     return out, passes
 
 
