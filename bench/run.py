@@ -10,8 +10,8 @@ import importlib
 import sys
 import time
 
-MODULES = ("bench.calibration", "bench.accuracy", "bench.weights", "bench.build", "bench.decoder",
-           "bench.weights_decoder")
+MODULES = ("bench.calibration", "bench.calibration_budget", "bench.accuracy", "bench.weights", "bench.build",
+           "bench.decoder", "bench.weights_decoder")
 
 
 def main(argv: list[str] | None = None) -> int:
