@@ -191,20 +191,23 @@ def validate_feed(session: Any, feed: Feed, batch: int) -> None:
         )
 
 
-def _extended(value: npt.NDArray[Any], batch: int, seq: int) -> npt.NDArray[Any]:
-    """``value`` one step longer along its sequence axis ([B, S, ...] axis 1, or [S, ...] axis 0 such as rotary
-    tables); the last slice is repeated (only the shapes of the probe's outputs are read)."""
+def _resized(value: npt.NDArray[Any], batch: int, seq: int, step: int) -> npt.NDArray[Any]:
+    """``value`` ``step`` (+1 or -1) positions longer along its sequence axis ([B, S, ...] axis 1, or [S, ...] axis 0
+    such as rotary tables): the last slice repeated, or dropped (only the shapes of the probe's outputs are read)."""
     shape = np.shape(value)
-    if len(shape) >= 2 and shape[0] == batch and shape[1] == seq:
-        return np.concatenate([value, np.take(value, [-1], axis=1)], axis=1)
-    if len(shape) >= 1 and shape[0] == seq and (len(shape) == 1 or shape[0] != batch):
-        return np.concatenate([value, np.take(value, [-1], axis=0)], axis=0)
-    return value
+    axis = 1 if len(shape) >= 2 and shape[0] == batch and shape[1] == seq else (
+        0 if len(shape) >= 1 and shape[0] == seq and (len(shape) == 1 or shape[0] != batch) else None)
+    if axis is None:
+        return value
+    if step < 0:
+        return np.take(value, range(seq - 1), axis=axis)
+    return np.concatenate([value, np.take(value, [-1], axis=axis)], axis=axis)
 
 
 def _probe_layouts(session: Any, feed: Feed, names: list[str], first: list[npt.NDArray[Any]],
                    options: CollectOptions) -> dict[str, TensorLayout]:
-    """Token axes of every tensor from a second run one token longer (every sequence-shaped input extended)."""
+    """Token axes of every tensor from a second run one token shorter or longer (every sequence-shaped input
+    resized)."""
     mask = feed.get(options.mask_input)
     ids = feed.get(options.ids_input)
     lead = mask if mask is not None and np.ndim(mask) == 2 else ids
@@ -215,14 +218,18 @@ def _probe_layouts(session: Any, feed: Feed, names: list[str], first: list[npt.N
     if mask is None or np.ndim(mask) != 2:
         logger.warning("no 2-D %r input: padding cannot be excluded from statistics", options.mask_input)
     batch, seq = np.shape(lead)
-    probe = {k: _extended(np.asarray(v), batch, seq) for k, v in feed.items()}
+    # one token shorter (a batch as long as the model's position table allows cannot grow), else one longer
+    step = -1 if seq >= 2 else 1
+    probe = {k: _resized(np.asarray(v), batch, seq, step) for k, v in feed.items()}
     try:
-        longer = session.run(names, dict(probe))
+        other = session.run(names, dict(probe))
     except Exception as exc:  # a model with a fixed sequence length cannot be probed
         logger.warning("layout probe failed (%s); padding is not excluded from statistics", exc)
         return {n: TensorLayout() for n in names}
-    return {n: infer_layout(tuple(a.shape), tuple(b.shape), batch, seq) for n, a, b in zip(names, first, longer,
-                                                                                            strict=True)}
+    pairs = zip(first, other, strict=True) if step > 0 else zip(other, first, strict=True)
+    base = seq if step > 0 else seq - 1
+    return {n: infer_layout(tuple(a.shape), tuple(b.shape), batch, base) for n, (a, b) in zip(names, pairs,
+                                                                                             strict=True)}
 
 
 def _probe_small(session: Any, feed: Feed, names: list[str], options: CollectOptions) -> dict[str, TensorLayout] | None:

@@ -44,6 +44,17 @@ def stream_tensors(report: GraphReport) -> tuple[tuple[int, str, str], ...]:
     return tuple(rows)
 
 
+def valid_tokens(x: npt.NDArray[Any], valid: npt.NDArray[np.bool_]) -> npt.NDArray[Any]:
+    """The rows of stream tensor ``x`` at the non-padding tokens of ``valid`` [batch, seq]: ``x`` laid out
+    [batch, seq, ...] or flattened [batch * seq, ...] (OPT-style blocks reshape the stream to 2-D); any other
+    layout gives every value (padding included, as the FP32 side is read the same way)."""
+    if x.ndim >= 2 and x.shape[:2] == valid.shape:
+        return x[valid]
+    if x.ndim >= 1 and x.shape[0] == valid.size:
+        return x[valid.reshape(-1)]
+    return x.reshape(-1)
+
+
 def layer_errors(
     fp32_model: onnx.ModelProto,
     model: onnx.ModelProto,
@@ -80,7 +91,7 @@ def layer_errors_on(
         # one session at a time: the FP32 tensors (non-padding tokens only) are kept, then the model runs
         batches_ = list(feeds)
         ref_runner = OrtRunner(fp32_model, extra_outputs=wanted)
-        reference = [[r[np.asarray(mask).astype(bool)] for r in ref_runner.run(feed, wanted)]
+        reference = [[valid_tokens(r, np.asarray(mask).astype(bool)) for r in ref_runner.run(feed, wanted)]
                      for feed, mask in batches_]
         del ref_runner
         runner = OrtRunner(model, extra_outputs=wanted)
@@ -88,8 +99,7 @@ def layer_errors_on(
             valid = np.asarray(mask).astype(bool)
             got = runner.run(feed, wanted)
             for name, r, g in zip(wanted, ref, got, strict=True):
-                # [batch, seq, hidden] -> [valid tokens, hidden]
-                acc[name].add(g.astype(np.float32)[valid], r)
+                acc[name].add(valid_tokens(g.astype(np.float32), valid), r)
     table = tuple(
         LayerError(
             layer=layer,

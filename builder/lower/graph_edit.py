@@ -114,6 +114,43 @@ class GraphEditor:
         added: onnx.NodeProto = self.graph.node[-1]
         return added
 
+    def inline_constant_aliases(self) -> int:
+        """Make every node read the initializer behind an Identity chain directly, and drop the Identity nodes
+        that nothing reads then; returns how many inputs were rewired.
+
+        Exporters deduplicate equal weights through Identity nodes (a weight shared by several layers, as in
+        ALBERT); analysis already sees through them (builder.graph.topology), so a plan names the initializer,
+        and the lowering rules that rewrite a GEMM's weight find it as the GEMM's own input.
+        """
+        producers = {out: node for node in self.graph.node if node.op_type == "Identity" for out in node.output}
+
+        def root(tensor: str) -> str | None:
+            for _ in range(len(producers) + 1):
+                if tensor in self._inits:
+                    return tensor
+                node = producers.get(tensor)
+                if node is None or not node.input:
+                    return None
+                tensor = node.input[0]
+            return None
+
+        rewired = 0
+        for node in self.graph.node:
+            for i, tensor in enumerate(node.input):
+                found = root(tensor) if tensor in producers else None
+                if found is not None:
+                    node.input[i] = found
+                    rewired += 1
+        kept = {o.name for o in self.graph.output}
+        while True:
+            read = {t for node in self.graph.node for t in node.input} | kept
+            dead = [n for n in self.graph.node if n.op_type == "Identity" and n.output[0] not in read
+                    and root(n.output[0]) is not None]
+            if not dead:
+                return rewired
+            for node in dead:
+                self.graph.node.remove(node)
+
     def remove_node(self, node: onnx.NodeProto) -> None:
         self.graph.node.remove(node)
 

@@ -143,7 +143,10 @@ def lower(model: onnx.ModelProto, plan: QuantPlan, weights: WeightSet, variant: 
     if work is model:
         work = onnx.ModelProto()
         work.CopyFrom(model)
-    ctx = LoweringContext(GraphEditor(work), plan, weights)
+    editor = GraphEditor(work)
+    if editor.inline_constant_aliases():
+        logger.info("weights read through Identity nodes now read their initializers directly")
+    ctx = LoweringContext(editor, plan, weights)
     _lower_passes(ctx)
     ed = ctx.ed
     precision = {w.node: "int8" for w in plan.weights}
