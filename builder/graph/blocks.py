@@ -1,7 +1,9 @@
 """Analysis stage: roles inside one transformer block (attention or FFN branch) and of the normalizations.
 
 Inside an attention branch, projections are told apart by which of Q, K^T and V they feed; inside an FFN
-branch, fc2 is the GEMM feeding the residual and fc1 every GEMM feeding another. A gated MLP (Shazeer 2020,
+branch, fc2 is the GEMM feeding the residual and fc1 every GEMM feeding another. A parallel block (GPT-J,
+GPT-NeoX, Falcon: ``x + attn(norm(x)) + mlp(norm'(x))``) has both in one branch: the GEMMs that neither feed
+the attention core nor follow it are its FFN. A gated MLP (Shazeer 2020,
 "GLU Variants Improve Transformer", arXiv 2002.05202, eq. 5-6: ``FFN(x) = (act(x W) * x V) W2``) has two
 such GEMMs: ``gate_proj`` is the one whose output passes a nonlinearity before the product, ``up_proj`` the
 one that does not.
@@ -74,9 +76,17 @@ def assign_block(out: Collector, block: Block, gemms: dict[int, WeightGemm], rot
     inside = [gemms[i] for i in sorted(res.branch_nodes & frozenset(gemms))]
     if block.core is not None:
         _assign_attention(out, block, block.core, inside, rotaries)
+        parallel = [w for w in inside if w.node not in out.found]
+        if parallel:  # a parallel block (GPT-J, GPT-NeoX, Falcon): x + attn(norm(x)) + mlp(norm'(x))
+            _assign_ffn(out, block, parallel)
         return
-    g, layer = out.g, block.layer
-    out.add(res.add, Role.FFN_RESIDUAL, layer)
+    out.add(res.add, Role.FFN_RESIDUAL, block.layer)
+    _assign_ffn(out, block, inside)
+
+
+def _assign_ffn(out: Collector, block: Block, inside: list[WeightGemm]) -> None:
+    """FFN roles of ``inside``: fc2 the GEMMs feeding none of the others, fc1 (or gate/up) the rest."""
+    g, res, layer = out.g, block.residual, block.layer
     inside_ids = frozenset(w.node for w in inside)
     fc1 = [w for w in inside if g.descendants([w.out], res.branch_nodes) & inside_ids]
     fc2 = [w for w in inside if w not in fc1]
@@ -173,8 +183,12 @@ def assign_norms(out: Collector, norms: tuple[NormMatch, ...], blocks: list[Bloc
     pre = [n for n in norms if set(n.members) & first]
     after = {g.nodes[b.residual.add].output[0]: b for b in blocks}
     first_skip = stream_source(g, blocks[0].residual.skip)
+    attention_inputs = frozenset(k for k, a in out.found.items()
+                                 if a.role in (Role.QKV, Role.Q_PROJ, Role.K_PROJ, Role.V_PROJ))
     for norm in norms:
         role, layer = _norm_role(norm, blocks, after, first_skip, pre_norm=bool(pre))
+        if role == Role.ATTN_LN and _feeds_only_parallel_ffn(g, norm, blocks, attention_inputs, out.found):
+            role = Role.FFN_LN
         if role is None:
             continue
         members = norm.members if not norm.fused else ()
@@ -182,6 +196,18 @@ def assign_norms(out: Collector, norms: tuple[NormMatch, ...], blocks: list[Bloc
     if pre:
         return "llama" if any(n.rms for n in pre) else "gpt"
     return "bert" if any(n.source in after for n in norms) else "unknown"
+
+
+def _feeds_only_parallel_ffn(g: GraphIndex, norm: NormMatch, blocks: list[Block], attention_inputs: frozenset[int],
+                             found: dict[int, RoleAssignment]) -> bool:
+    """A norm inside an attention branch whose output reaches FFN GEMMs of that branch but no Q/K/V projection
+    (the MLP's own norm in a parallel block)."""
+    inside = next((b for b in blocks if set(norm.members) & b.residual.branch_nodes), None)
+    if inside is None or inside.core is None:
+        return False
+    reached = g.descendants([norm.out], inside.residual.branch_nodes)
+    ffn = {k for k in reached if k in found and found[k].role in (Role.FC1, Role.GATE_PROJ, Role.UP_PROJ)}
+    return bool(ffn) and not reached & attention_inputs
 
 
 def _norm_role(norm: NormMatch, blocks: list[Block], after: dict[str, Block], first_skip: str,
