@@ -30,7 +30,7 @@ from calib import fused
 from calib.errors import CalibrationError, ConfigError, suggest
 from calib.fold import FUSED, Folder
 from calib.histogram import DEFAULT_BINS, AbsHistogram
-from calib.layout import TensorLayout, infer_layout, valid_rows
+from calib.layout import TensorLayout, infer_layout, merged_batch_candidate, valid_rows
 from calib.outputs import run_unbound
 from calib.statistics import (
     DEFAULT_KINDS,
@@ -226,10 +226,26 @@ def _probe_layouts(session: Any, feed: Feed, names: list[str], first: list[npt.N
     except Exception as exc:  # a model with a fixed sequence length cannot be probed
         logger.warning("layout probe failed (%s); padding is not excluded from statistics", exc)
         return {n: TensorLayout() for n in names}
-    pairs = zip(first, other, strict=True) if step > 0 else zip(other, first, strict=True)
+    shorter, longer = (first, other) if step > 0 else (other, first)
     base = seq if step > 0 else seq - 1
-    return {n: infer_layout(tuple(a.shape), tuple(b.shape), batch, base) for n, (a, b) in zip(names, pairs,
-                                                                                             strict=True)}
+    shapes = {n: (tuple(a.shape), tuple(b.shape)) for n, a, b in zip(names, shorter, longer, strict=True)}
+    merged = [n for n, (a, b) in shapes.items() if merged_batch_candidate(a, b, batch, base)]
+    at_batch = _other_batch_shapes(session, probe if step < 0 else feed, names, batch) if merged else {}
+    return {n: infer_layout(a, b, batch, base, at_batch.get(n)) for n, (a, b) in shapes.items()}
+
+
+def _other_batch_shapes(session: Any, feed: Feed, names: list[str], batch: int) -> dict[str, tuple[tuple[int, ...],
+                                                                                                    int]]:
+    """Each tensor's shape, and the batch size, from ``feed`` cut to its first row (or doubled when it has one)."""
+    other = 1 if batch > 1 else 2
+    resized = {k: (np.asarray(v)[:1] if other == 1 else np.concatenate([v, v]))
+               if np.ndim(v) >= 1 and np.shape(v)[0] == batch else np.asarray(v) for k, v in feed.items()}
+    try:
+        outputs = session.run(names, resized)
+    except Exception as exc:  # a fixed batch size: merged axes stay unknown
+        logger.warning("batch-size probe failed (%s); tensors that merge batch and heads keep their padding", exc)
+        return {}
+    return {n: (tuple(v.shape), other) for n, v in zip(names, outputs, strict=True)}
 
 
 def _probe_small(session: Any, feed: Feed, names: list[str], options: CollectOptions) -> dict[str, TensorLayout] | None:

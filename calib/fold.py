@@ -82,6 +82,9 @@ def observe(stats: TensorStatistics, layout: TensorLayout, value: npt.NDArray[An
     """Fold one tensor of one batch (padding excluded) into its observers: the fused kernels (calib.fused) when
     they apply, else the reference path (valid rows, then each observer)."""
     x = np.asarray(value, dtype=np.float32)
+    if layout.batch_group > 1:  # [B*H, ...] merged by the export: read as [B, H, ...]
+        view, layout = layout.split_batch(x)
+        x = np.asarray(view, dtype=np.float32)
     if FUSED and fused.fusable(stats, layout, x, mask) and fused.fold(stats, layout, x, masks or fused.BatchMasks(mask),
                                                                        ids):
         return

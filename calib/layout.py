@@ -1,12 +1,16 @@
 """Calibration stage: which axes of an activation are token axes, and its valid (non-padding) rows.
 
-The collector runs the first batch twice, at sequence length S and S+1 (one extra padding column), and
-compares shapes: an axis whose size goes S -> S+1 is a token axis; an axis 0 of size B*S -> B*(S+1) is
-a flattened batch-token axis. A shape coincidence (head_dim == S) cannot fool the probe.
+The collector runs the first rows of the first batch twice, at sequence lengths S and S-1 (S+1 when S is 1),
+and compares shapes: an axis whose size follows the length is a token axis; an axis 0 of size B*S is a
+flattened batch-token axis. A shape coincidence (head_dim == S) cannot fool the probe. An axis 0 that is a
+multiple of the batch before token axes (an export that merged batch and heads) is checked at a second batch
+size, and such a tensor is viewed [B, H, ...] before anything else reads it.
 
     hidden state [B, S, D]      token_axes=(1,)     rows = x[b, s, :] where mask[b, s]
     scores/probs [B, H, S, S]   token_axes=(2, 3)   values where mask[b, q] and mask[b, k]; no per-dim rows
     flattened    [B*S, D]       flattened=True      rows = x[r, :] where mask.reshape(-1)[r]
+    merged       [B*H, S, S]    token_axes=(1, -1)  viewed [B, H, S, S] (batch-major), then as scores
+                                batch_group=H
 """
 
 from __future__ import annotations
@@ -31,26 +35,59 @@ class TensorLayout(Schema, frozen=True, kw_only=True):
 
     token_axes: tuple[int, ...] = ()
     flattened: bool = False  # axis 0 is batch*sequence
+    batch_group: int = 1  # axis 0 is batch*batch_group, batch-major (an export that merged batch and heads)
 
     @property
     def has_dims(self) -> bool:
         """True when the last axis is a feature axis (per-dimension statistics make sense)."""
         return not self.token_axes or self.token_axes[-1] != -1
 
+    def split_batch(self, x: npt.NDArray[np.generic]) -> tuple[npt.NDArray[np.generic], TensorLayout]:
+        """``x`` [B*g, ...] viewed [B, g, ...] and the layout of that view (token axes one further right)."""
+        group = self.batch_group
+        if group <= 1:
+            return x, self
+        if x.ndim < 1 or x.shape[0] % group:
+            raise CalibrationError(f"tensor axis 0 of size {x.shape[0] if x.ndim else 0} is not a multiple of "
+                                   f"its merged batch group {group}")
+        axes = tuple(a if a == -1 else a + 1 for a in self.token_axes)
+        return x.reshape((x.shape[0] // group, group, *x.shape[1:])), TensorLayout(token_axes=axes)
 
-def infer_layout(shape_s: tuple[int, ...], shape_s1: tuple[int, ...], batch: int, seq: int) -> TensorLayout:
-    """Compare one tensor's shapes at sequence lengths ``seq`` and ``seq + 1`` (same ``batch``)."""
+
+def _token_axes(shape_s: tuple[int, ...], shape_s1: tuple[int, ...], seq: int) -> list[int]:
+    return [a for a in range(len(shape_s)) if shape_s[a] == seq and shape_s1[a] == seq + 1]
+
+
+def merged_batch_candidate(shape_s: tuple[int, ...], shape_s1: tuple[int, ...], batch: int, seq: int) -> bool:
+    """Whether the tensor has token axes after an axis 0 that is a multiple of the batch: batch and another axis
+    (attention heads) merged, which a probe at a second batch size tells (:func:`infer_layout` ``other``)."""
+    if len(shape_s) != len(shape_s1) or not shape_s or shape_s[0] == batch * seq:
+        return False
+    axes = _token_axes(shape_s, shape_s1, seq)
+    return bool(axes) and axes[0] != 0 and shape_s[0] != batch and shape_s[0] % batch == 0
+
+
+def infer_layout(shape_s: tuple[int, ...], shape_s1: tuple[int, ...], batch: int, seq: int,
+                 other: tuple[tuple[int, ...], int] | None = None) -> TensorLayout:
+    """Compare one tensor's shapes at sequence lengths ``seq`` and ``seq + 1`` (same ``batch``); ``other``, the
+    shape at sequence ``seq`` and another batch size, tells a merged batch axis ([B*H, S, S])."""
     if len(shape_s) != len(shape_s1) or not shape_s:
         return TensorLayout()
     if shape_s[0] == batch * seq and shape_s1[0] == batch * (seq + 1):
         return TensorLayout(flattened=True)
-    axes = [a for a in range(len(shape_s)) if shape_s[a] == seq and shape_s1[a] == seq + 1]
+    axes = _token_axes(shape_s, shape_s1, seq)
+    rank = len(shape_s)
+    relative = tuple(-1 if a == rank - 1 else a for a in axes)
+    if other is not None and merged_batch_candidate(shape_s, shape_s1, batch, seq):
+        group = shape_s[0] // batch
+        other_shape, other_batch = other
+        if len(other_shape) == rank and other_shape[0] == other_batch * group and other_shape[1:] == shape_s[1:]:
+            return TensorLayout(token_axes=relative, batch_group=group)
     if axes and (axes[0] == 0 or shape_s[0] != batch):
         logger.warning("tensor of shape %s has token axes %s but no batch axis 0; padding is not excluded",
                        shape_s, axes)
         return TensorLayout()
-    rank = len(shape_s)
-    return TensorLayout(token_axes=tuple(-1 if a == rank - 1 else a for a in axes))
+    return TensorLayout(token_axes=relative)
 
 
 def _broadcast_mask(arr: npt.NDArray[np.generic], lead_shape: tuple[int, ...], axis: int) -> npt.NDArray[np.generic]:

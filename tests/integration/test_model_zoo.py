@@ -1,0 +1,45 @@
+"""Architectures outside the matrix that each broke a stage once (tests/models.py ZOO), end to end, plus the check
+of what broke: ALBERT's shared weights lower, DeBERTa's merged [batch*heads, S, S] tensors exclude their padding,
+OPT's flattened residual stream is compared per layer, GPT-NeoX's parallel MLP gets its FFN roles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from builder.graph.report import Role
+from calib.layout import TensorLayout
+from tests.models import ZOO, model_path
+from tests.stages import StagesRun, every_stage
+
+
+@pytest.fixture(scope="module", params=sorted(ZOO))
+def run(request: pytest.FixtureRequest, bpe256: Path, tmp_path_factory: pytest.TempPathFactory
+        ) -> tuple[str, StagesRun]:
+    name = str(request.param)
+    return name, every_stage(model_path(name), name, bpe256, tmp_path_factory.mktemp(name))
+
+
+def test_every_stage_and_what_once_broke(run: tuple[str, StagesRun]) -> None:
+    name, stages = run
+    report, statistics = stages.report, stages.statistics
+    if name == "albert":  # one weight per role serves both layers
+        q = [a for a in report.assignments if a.role == Role.Q_PROJ]
+        assert len(q) == 2 and q[0].weight == q[1].weight
+        assert {w.node for w in stages.result.plan.weights} >= {a.node for a in q}
+    if name == "deberta-v2":
+        merged = {n: lay for n, lay in statistics.meta.layouts.items() if lay.batch_group > 1}
+        assert merged and all(lay.batch_group == ZOO[name].heads for lay in merged.values())
+        scores = next(n for n, lay in merged.items() if lay == TensorLayout(token_axes=(1, -1), batch_group=4))
+        # every head's query x key pairs of the valid tokens only: sum over texts of heads * length^2
+        lengths = np.concatenate([np.asarray(f["attention_mask"]).sum(axis=1) for f in stages.feeds])
+        assert statistics.tensors[scores].observers["minmax"].count == ZOO[name].heads * int(np.sum(lengths ** 2))
+    if name == "opt":
+        assert any(row.relative_error is not None for row in stages.accuracy.layer_errors)
+    if name == "gpt-neox":
+        for layer in range(ZOO[name].layers):
+            roles = {a.role for a in report.in_layer(layer)}
+            assert {Role.FFN_LN, Role.FC1, Role.FFN_ACT, Role.FC2, Role.QKV, Role.ATTN_OUT} <= roles
+
