@@ -187,8 +187,23 @@ def validate_feed(session: Any, feed: Feed, batch: int) -> None:
     if problems:
         raise CalibrationError(
             f"calibration batch {batch} does not match the model inputs: {'; '.join(problems)}. "
-            f"Expected inputs: {_describe_inputs(session)}"
+            f"Expected inputs: {_describe_inputs(session)}{_fixed_dims_hint(expected, feed)}"
         )
+
+
+def _fixed_dims_hint(expected: Mapping[str, Any], feed: Feed) -> str:
+    """What to do about inputs declared with a fixed batch or sequence length that the batches do not have."""
+    hints = []
+    for name, info in expected.items():
+        shape = np.shape(feed[name]) if name in feed else ()
+        if len(info.shape) != len(shape) or not shape:
+            continue
+        if isinstance(info.shape[0], int) and info.shape[0] != shape[0]:
+            hints.append(f"The model takes batches of exactly {info.shape[0]}: pass --batch-size {info.shape[0]}")
+        if len(shape) >= 2 and isinstance(info.shape[1], int) and info.shape[1] != shape[1]:
+            hints.append(f"Input {name!r} has a fixed length of {info.shape[1]}: export the model with a dynamic "
+                         "sequence axis (batches are padded to their own longest text)")
+    return "".join(f". {hint}" for hint in dict.fromkeys(hints))
 
 
 def _resized(value: npt.NDArray[Any], batch: int, seq: int, step: int) -> npt.NDArray[Any]:

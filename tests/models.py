@@ -151,7 +151,7 @@ def _config(spec: ModelSpec, transformers: Any) -> Any:
                                     tie_word_embeddings=True, **common)
 
 
-def _module(spec: ModelSpec) -> Any:
+def torch_module(spec: ModelSpec) -> Any:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(SEED)
@@ -169,7 +169,7 @@ def _module(spec: ModelSpec) -> Any:
 
 def _export(spec: ModelSpec, path: Path) -> None:
     torch = pytest.importorskip("torch")
-    module = _module(spec)
+    module = torch_module(spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         tmp_path = Path(tmp) / "model.onnx"

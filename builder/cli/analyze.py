@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
         check_output_file(args.json)
     path: Path = args.model
     prepared = prepare_model(path)  # weight-only quantized weights are folded, as every other command does
-    if prepared.folded and not args.quiet:
-        print(prepared.describe_fold())
+    if prepared.rewritten and not args.quiet:
+        print(prepared.describe())
     report = analyze(prepared.model, name=args.name or path.stem)
     if not args.quiet:
         print(format_report(report), end="")

@@ -80,15 +80,15 @@ def _calibrate(args: argparse.Namespace, output: Path) -> int:
     header = tensorrt_header(args.trt_version)
     settings = calib_settings(args)
     prepared = prepare_model(args.model)
-    if prepared.folded:
-        print(prepared.describe_fold())
+    if prepared.rewritten:
+        print(prepared.describe())
     model = prepared.model
     name = args.model.stem
     report = analyze_model(model, name)
     tensors = list(args.tensors) if args.tensors else calibration_tensors(model, report)
     started = time.perf_counter()
     encoder = settings.encoder(args.model)  # the tokenizer is found and checked before any work
-    source = model if prepared.folded else args.model
+    source = model if prepared.rewritten else args.model
     if args.ray is not None or args.shards is not None:
         from builder.distributed.ray_calibrate import ShardConfig, calibrate_sharded
 

@@ -71,6 +71,9 @@ def _normalize_argv(argv: list[str]) -> list[str]:
     return argv
 
 
+NOISY_LIBRARIES = ("matplotlib", "PIL", "numba", "urllib3", "filelock")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code."""
     args_list = _normalize_argv(list(sys.argv[1:] if argv is None else argv))
@@ -78,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for library in NOISY_LIBRARIES:  # their debug output (font matching, plugin scans) buries ours
+        logging.getLogger(library).setLevel(max(level, logging.INFO))
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 2

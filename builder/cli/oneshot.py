@@ -79,7 +79,7 @@ def calibrate_model(model: PreparedModel, report: GraphReport, settings: CalibSe
 
     def step() -> tuple[bool, str]:
         tensors = calibration_tensors(model.model, report)
-        source = model.model if model.folded else model.path
+        source = model.model if model.rewritten else model.path
         result = collect_statistics(source, tensors, settings, folder, encoder, fresh=fresh, progress=progress)
         holder["statistics"] = result.statistics
         batches = result.statistics.batches
@@ -160,8 +160,8 @@ def run_pipeline(request: PipelineRequest, *, statistics: Statistics | None = No
     from calib.cache import tensorrt_header
 
     prepared = prepare_model(request.model_path)
-    if prepared.folded:
-        print(prepared.describe_fold(), flush=True)
+    if prepared.rewritten:
+        print(prepared.describe(), flush=True)
     model = prepared.model
     report = analyze_model(model, request.model_path.stem)
     recipe = resolve_recipe(request.recipe, report, request.fallbacks)  # bad recipes fail before calibration

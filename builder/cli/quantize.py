@@ -122,8 +122,8 @@ def _quantize(args: argparse.Namespace, out: Path | None) -> int:
 
     flags = weight_flags(args)  # bits, accumulator and the like fail before the model is read
     prepared = prepare_model(args.model)
-    if prepared.folded:
-        print(prepared.describe_fold())
+    if prepared.rewritten:
+        print(prepared.describe())
     model = prepared.model
     report = analyze_model(model, args.model.stem)
     recipe = resolve_recipe(args.recipe, report, args.fallback)
@@ -170,7 +170,7 @@ def _plan(args: argparse.Namespace, prepared: Any, report: Any, recipe: Any, sta
         return feeds()
 
     return plan_and_statistics(prepared.model, report, recipe, statistics, flagged=flagged, seq_len=args.seq_len,
-                               feeds=announced, source=prepared.model if prepared.folded else prepared.path)
+                               feeds=announced, source=prepared.model if prepared.rewritten else prepared.path)
 
 
 def _weights_and_lowering(args: argparse.Namespace, prepared: Any, quant_plan: Any, statistics: Any,
@@ -188,6 +188,6 @@ def _weights_and_lowering(args: argparse.Namespace, prepared: Any, quant_plan: A
     lacking = missing(quant_plan, statistics)
     batches = feeds() if quant_plan.bias_correction_nodes or staged or lacking else None
     if lacking:
-        source = prepared.model if prepared.folded else prepared.path
+        source = prepared.model if prepared.rewritten else prepared.path
         statistics = weight_statistics(source, quant_plan, statistics, feeds(), out, data_source=data_source)
     return quantize_planned(prepared.model, quant_plan, statistics, variant=args.variant, feeds=batches)

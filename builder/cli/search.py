@@ -173,7 +173,7 @@ def _calibrate(prepared: Any, report: Any, settings: CalibSettings, folder: Path
     from builder.pipeline import calibration_tensors
 
     tensors = calibration_tensors(prepared.model, report)
-    source = prepared.model if prepared.folded else prepared.path
+    source = prepared.model if prepared.rewritten else prepared.path
     result = collect_statistics(source, tensors, settings, folder, encoder, fresh=args.fresh,
                                 progress=not args.no_progress)
     state = "reused" if result.resumed_batches == result.statistics.batches else "calibrated"
@@ -190,7 +190,7 @@ def _weight_inputs(prepared: Any, report: Any, base: Any, statistics: Any, setti
     from builder.pipeline import plan_and_statistics
     from builder.weights.hessians import missing
 
-    source = prepared.model if prepared.folded else prepared.path
+    source = prepared.model if prepared.rewritten else prepared.path
     feeds = functools.cache(lambda: calibration_feeds(settings, encoder))  # read only when something is missing
     base_plan, statistics = plan_and_statistics(prepared.model, report, base, statistics, feeds=feeds, source=source)
     lacking = missing(base_plan, statistics)

@@ -109,7 +109,7 @@ def _calibrate(request: SweepRequest, prepared: Any, report: Any, encoder: Any) 
     folder = request.folder / CALIBRATION_DIR
     folder.mkdir(parents=True, exist_ok=True)
     tensors = calibration_tensors(prepared.model, report)
-    source = prepared.model if prepared.folded else request.model_path
+    source = prepared.model if prepared.rewritten else request.model_path
     if request.address is not None or request.shards is not None:
         config = ShardConfig(shards=request.shards, address=request.address)
         result = calibrate_sharded(source, tensors, request.calibration, folder, encoder, config,

@@ -105,8 +105,43 @@ class OrtRunner:
         absent = [n for n in self.input_names if n not in feeds]
         if absent:
             raise ConfigError(f"the model needs input {absent[0]!r}; the feeds hold {sorted(feeds)}")
-        result = self.session.run(list(outputs), {n: feeds[n] for n in self.input_names})
-        return [np.asarray(r) for r in result]
+        chosen = {n: feeds[n] for n in self.input_names}
+        rows = _rows(chosen)
+        fixed = self.fixed_batch
+        if fixed is None or rows is None or rows == fixed:
+            return [np.asarray(r) for r in self.session.run(list(outputs), chosen)]
+        return self._run_in_fixed_batches(chosen, list(outputs), rows, fixed)
+
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the model's inputs declare as a constant (an export with a static batch), or None."""
+        sizes = {i.shape[0] for i in self.session.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+        dynamic = any(i.shape and not isinstance(i.shape[0], int) for i in self.session.get_inputs())
+        return next(iter(sizes)) if len(sizes) == 1 and not dynamic else None
+
+    def _run_in_fixed_batches(self, feeds: Feeds, outputs: list[str], rows: int, fixed: int
+                              ) -> list[npt.NDArray[Any]]:
+        """Run a batch of ``rows`` through a model that takes exactly ``fixed`` rows: in slices of ``fixed``
+        (the last one filled up with copies of its last row, whose outputs are dropped), outputs joined on axis 0."""
+        parts: list[list[npt.NDArray[Any]]] = []
+        for start in range(0, rows, fixed):
+            take = min(fixed, rows - start)
+            piece = {n: np.concatenate([v[start:start + take]] + [v[start + take - 1:start + take]] * (fixed - take))
+                     for n, v in feeds.items()}
+            got = [np.asarray(r) for r in self.session.run(outputs, piece)]
+            for name, value in zip(outputs, got, strict=True):
+                if value.ndim == 0 or value.shape[0] % fixed:
+                    raise ConfigError(f"the model takes batches of exactly {fixed} and its output {name!r} of shape "
+                                      f"{list(value.shape)} has no batch axis to join; evaluate it with batches of "
+                                      f"{fixed}")
+            parts.append([v[: v.shape[0] // fixed * take] for v in got])
+        return [np.concatenate(column) for column in zip(*parts, strict=True)]
+
+
+def _rows(feeds: Feeds) -> int | None:
+    """The common axis-0 size of the feeds (None when they disagree or are scalars)."""
+    sizes = {np.shape(v)[0] for v in feeds.values() if np.ndim(v) >= 1}
+    return next(iter(sizes)) if len(sizes) == 1 else None
 
 
 def length_order(texts: Sequence[str]) -> npt.NDArray[np.int64]:

@@ -147,6 +147,18 @@ def _cache_wrapper(model: Any) -> Any:
     return WithCache().eval()
 
 
+def _kv_heads(config: Any) -> int:
+    """Key/value heads of a transformers config: grouped-query configs name them, multi-query ones (Falcon)
+    have one, and the rest (GPT-NeoX, OPT, BLOOM) one per attention head."""
+    for name in ("num_key_value_heads", "num_kv_heads", "n_head_kv"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    if getattr(config, "multi_query", False):
+        return 1
+    return int(config.num_attention_heads)
+
+
 def export_causal_lm(model: Any, out_path: Path, opset: int = EXPORT_OPSET) -> None:
     """Export a Hugging Face causal LM to ``out_path`` in the KV-cache form of the module docstring.
 
@@ -155,7 +167,7 @@ def export_causal_lm(model: Any, out_path: Path, opset: int = EXPORT_OPSET) -> N
     """
     torch, _ = _import_torch()
     config = model.config
-    layers, kv_heads = int(config.num_hidden_layers), int(config.num_key_value_heads)
+    layers, kv_heads = int(config.num_hidden_layers), _kv_heads(config)
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
     batch, seq, past = 2, 3, 2
     ids = torch.randint(0, int(config.vocab_size), (batch, seq), generator=torch.Generator().manual_seed(0))

@@ -43,3 +43,37 @@ def test_every_stage_and_what_once_broke(run: tuple[str, StagesRun]) -> None:
             roles = {a.role for a in report.in_layer(layer)}
             assert {Role.FFN_LN, Role.FC1, Role.FFN_ACT, Role.FC2, Role.QKV, Role.ATTN_OUT} <= roles
 
+
+
+@pytest.mark.parametrize("keep_io_types", [True, False])
+def test_a_float16_export_goes_through_every_stage(keep_io_types: bool, bpe256: Path, tmp_path: Path) -> None:
+    """BERT converted to float16 (ONNX Runtime's converter, with and without float32 inputs/outputs) is computed
+    in float32 from intake on, and quantizes like the float32 export."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    half = convert_float_to_float16(onnx.load(str(model_path("bert-eager"))), keep_io_types=keep_io_types)
+    path = tmp_path / "bert-fp16.onnx"
+    onnx.save(half, str(path))
+    stages = every_stage(path, "bert-fp16", bpe256, tmp_path)
+    assert stages.report.architecture == "bert" and stages.report.num_layers == 2
+
+
+@pytest.mark.parametrize("name", ["gpt-neox", "opt"])
+def test_the_kv_cache_export_of_configs_without_key_value_heads_matches_pytorch(name: str, tmp_path: Path) -> None:
+    """builder.intake.decoder.export_causal_lm on configs that name no key/value heads (one per attention head)
+    gives the KV-cache graph, which matches PyTorch on a prefill and a cached decode step."""
+    from builder.intake.decoder import check_decoder, export_causal_lm
+    from tests.models import torch_module
+
+    spec = ZOO[name]
+    module = torch_module(spec)
+    path = tmp_path / "model.onnx"
+    export_causal_lm(module, path)
+
+    def tokenize(text: str) -> dict[str, list[int]]:  # character codes inside the 256-id vocabulary
+        return {"input_ids": [5 + ord(c) % (spec.vocab - 5) for c in text]}
+
+    check = check_decoder(module, tokenize, path, ["the cache holds keys", "and values per layer"])
+    assert check.prefill_max_abs_diff <= 1e-4 * max(1.0, check.logits_max_abs)
+    assert check.decode_max_abs_diff <= 1e-4 * max(1.0, check.logits_max_abs)
