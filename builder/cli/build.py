@@ -38,11 +38,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved build options and exit")
 
 
+DEFAULT_SEQ_MAX = 128
+
+
 def add_engine_arguments(group: argparse._ArgumentGroup) -> None:
     """The engine flag group, shared by ``build`` and the one-shot pipeline."""
     group.add_argument("--backend", default="auto", help="auto | tensorrt | tensorrt-rtx (default: auto)")
     group.add_argument("--batch", default="1,8,32", help="batch min,opt,max of the profile (default: 1,8,32)")
-    group.add_argument("--seq", default="1,128,128", help="sequence min,opt,max (default: 1,128,128)")
+    group.add_argument("--seq", help="sequence min,opt,max (default: 1,128,128, capped at the model's position "
+                        "table less --past)")
     group.add_argument("--past", help="decoders with a KV cache: cache length min,opt,max, e.g. 0,128,1024 "
                         "(the attention mask gets past+seq)")
     group.add_argument("--workspace-mib", type=int, help="workspace memory limit in MiB")
@@ -65,8 +69,27 @@ def add_engine_arguments(group: argparse._ArgumentGroup) -> None:
                         "Quickly Deployable Plugins (e.g. plugins.layernorm_quant.plugin)")
 
 
-def build_options(args: argparse.Namespace, model_path: Path) -> BuildOptions:
-    """BuildOptions from the engine flag group (side files looked up next to ``model_path``)."""
+def default_seq(model_path: Path, past: int) -> str:
+    """The default sequence range 1,128,128, capped at ``model_path``'s position table less ``past`` (a notice
+    says so); unchanged when the graph shows no table or the table leaves no position (the build check then
+    explains)."""
+    import onnx
+
+    from builder.engine.validate import position_table_rows
+
+    table = position_table_rows(onnx.load(str(model_path), load_external_data=False)) if model_path.is_file() else None
+    rows = DEFAULT_SEQ_MAX + past if table is None else table[1]
+    top = rows - past
+    if top >= DEFAULT_SEQ_MAX or top < 1:
+        return f"1,{DEFAULT_SEQ_MAX},{DEFAULT_SEQ_MAX}"
+    print(f"--seq not given: the default 1,{DEFAULT_SEQ_MAX},{DEFAULT_SEQ_MAX} is capped at the model's {rows} "
+          f"positions{f' less the past {past}' if past else ''}: 1,{top},{top}", flush=True)
+    return f"1,{top},{top}"
+
+
+def build_options(args: argparse.Namespace, model_path: Path, source_model: Path | None = None) -> BuildOptions:
+    """BuildOptions from the engine flag group (side files looked up next to ``model_path``; the default
+    sequence range fitted to ``source_model``'s position table, or ``model_path``'s)."""
     from builder.backends.options import (
         DEFAULT_RTX_ARCHITECTURES,
         BackendName,
@@ -96,13 +119,15 @@ def build_options(args: argparse.Namespace, model_path: Path) -> BuildOptions:
             raise ConfigError(f"precision list {str(precision_file)!r} does not exist")
         precisions.extend(precision_constraints(json.loads(precision_file.read_text(encoding="utf-8"))))
     archs = [a for item in (args.arch or []) for a in item.split(",") if a.strip()] or DEFAULT_RTX_ARCHITECTURES
+    past = DimRange.parse(args.past, "--past", minimum=0) if args.past else None
+    seq = args.seq or default_seq(source_model or model_path, past.max if past is not None else 0)
     cache = args.calibration_cache
     if cache is None and args.int8_mode == "implicit" and (model_path.parent / "calibration.cache").is_file():
         cache = str(model_path.parent / "calibration.cache")
     return BuildOptions(
         backend=BackendName.parse(args.backend),
-        profiles=(ShapeProfile(batch=DimRange.parse(args.batch, "--batch"), seq=DimRange.parse(args.seq, "--seq"),
-                               past=DimRange.parse(args.past, "--past", minimum=0) if args.past else None),),
+        profiles=(ShapeProfile(batch=DimRange.parse(args.batch, "--batch"), seq=DimRange.parse(seq, "--seq"),
+                               past=past),),
         workspace_mib=args.workspace_mib,
         optimization_level=args.opt_level,
         timing_cache=args.timing_cache,

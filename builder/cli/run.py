@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     weights = weight_flags(args)  # bad weight options fail before any work
     recipe_tag = Path(args.recipe).stem if args.recipe.endswith((".yaml", ".yml")) else args.recipe
     folder: Path = args.output or Path("engines") / f"{args.model.stem}-{recipe_tag}"
-    options = None if args.no_build else build_options(args, folder / "model.onnx")
+    options = None if args.no_build else build_options(args, folder / "model.onnx", source_model=args.model)
     if args.print_config:
         return _print_config(args, options)
     settings = calib_settings(args)

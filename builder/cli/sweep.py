@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     matrix.add_argument("--batch", action="append", help="batch min,opt,max of a profile (repeatable; default "
                         "1,8,32)")
     matrix.add_argument("--seq", action="append", help="sequence min,opt,max of a profile (repeatable; default "
-                        "1,128,128); profiles are every --batch with every --seq")
+                        "1,128,128, capped at the model's position table); profiles are every --batch with every --seq")
     matrix.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0-5 (default: 3)")
     matrix.add_argument("--variant", choices=("portable", "plugin"), default="portable", help="Q/DQ graph variant")
     add_calib_data_arguments(parser.add_argument_group("calibration data"))
@@ -73,8 +73,11 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.model.is_file():
         raise ConfigError(f"model file {str(args.model)!r} does not exist")
+    from builder.cli.build import default_seq
+
+    seqs = args.seq or [default_seq(args.model, 0)]
     profiles = tuple(ShapeProfile(batch=DimRange.parse(b, "--batch"), seq=DimRange.parse(s, "--seq"))
-                     for b, s in itertools.product(args.batch or ["1,8,32"], args.seq or ["1,128,128"]))
+                     for b, s in itertools.product(args.batch or ["1,8,32"], seqs))
     folder: Path = args.output or Path("engines") / f"{args.model.stem}-sweep"
     request = SweepRequest(
         model_path=args.model, folder=folder, recipes=_split(args.recipes),

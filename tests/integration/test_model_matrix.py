@@ -73,3 +73,16 @@ def test_a_decoder_without_past_is_refused_before_calibration(bpe256: Path, tmp_
     assert main(sweep) == 2  # the sweep too: before its shared calibration
     assert "give its length range with --past" in capsys.readouterr().err
     assert not list(out.rglob("statistics.npz"))
+
+
+def test_the_default_sequence_range_is_capped_at_the_position_table(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --seq the engine profile is 1,128,128, less where the model has fewer positions (a notice says so);
+    a model without a position table (rotary) keeps it, and so does one whose table --past already fills (the
+    build check then refuses it with its own message)."""
+    from builder.cli.build import default_seq
+
+    assert default_seq(model_path("roberta"), 0) == "1,63,63"
+    assert "capped at the model's 63 positions" in capsys.readouterr().out
+    assert default_seq(model_path("bert-eager"), 16) == "1,48,48"
+    assert default_seq(model_path("llama"), 0) == "1,128,128"
+    assert default_seq(model_path("bert-eager"), 64) == "1,128,128"
