@@ -263,7 +263,13 @@ def read_texts(path: Path) -> list[str]:
     """Texts from a ``.jsonl`` file (``"text"`` field) or any other text file (one text per line)."""
     if not path.is_file():
         raise ConfigError(f"calibration data file {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); text files are read as UTF-8, "
+                          "one text per line (.jsonl: a 'text' field per line)") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from exc
     if path.suffix.lower() != ".jsonl":
         return [line.strip() for line in lines if line.strip()]
     texts = []

@@ -77,7 +77,10 @@ def default_seq(model_path: Path, past: int) -> str:
 
     from builder.engine.validate import position_table_rows
 
-    table = position_table_rows(onnx.load(str(model_path), load_external_data=False)) if model_path.is_file() else None
+    try:
+        table = position_table_rows(onnx.load(str(model_path), load_external_data=False))
+    except Exception:  # no file yet, or not ONNX: the stages that read it explain
+        table = None
     rows = DEFAULT_SEQ_MAX + past if table is None else table[1]
     top = rows - past
     if top >= DEFAULT_SEQ_MAX or top < 1:

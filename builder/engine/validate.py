@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from calib.errors import BuildError, ConfigError
+from calib.errors import BuildError, ConfigError, GraphError
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def load_model_for_build(model_path: Path) -> onnx.ModelProto:
     try:
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for a corrupt file
-        raise BuildError(f"cannot read the ONNX model {str(model_path)!r}: {exc}") from exc
+        raise GraphError(f"cannot read the ONNX model {str(model_path)!r} (truncated or not ONNX): {exc}") from exc
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue

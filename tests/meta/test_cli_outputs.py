@@ -387,3 +387,26 @@ def run_cli_unarmed(argv: list[str]) -> Result:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = main(argv)
     return Result(code=code, out=out.getvalue(), err=err.getvalue())
+
+
+READS_A_MODEL = tuple(c for c in CASES if c.command not in ("demo", "export-triton"))
+
+
+@pytest.mark.parametrize("case", READS_A_MODEL, ids=_case_id)
+def test_a_file_that_is_not_onnx_is_refused_naming_it(case: Case, inputs: Inputs, tmp_path: Path) -> None:
+    """Every command that reads a model, given a file that is not ONNX (tokenizer beside it), exits 3 naming the
+    file, without a traceback (the text encoder once parsed it first and let protobuf's DecodeError escape)."""
+    garbage = tmp_path / "model.onnx"
+    garbage.write_bytes(bytes(range(256)) * 20)
+    shutil.copyfile(inputs.model.parent / "tokenizer.json", tmp_path / "tokenizer.json")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(case.argv(Inputs(model=garbage, scratch=inputs.scratch), tmp_path / "out"))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 2
+        except BaseException:
+            code = None
+            err.write(traceback.format_exc())
+    assert "Traceback" not in err.getvalue(), err.getvalue()
+    assert code == 3 and str(garbage) in err.getvalue(), (code, err.getvalue())

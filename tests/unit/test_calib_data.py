@@ -69,6 +69,10 @@ def test_user_text_and_jsonl_files(tmp_path: Path) -> None:
     (tmp_path / "empty.txt").write_text("\n", encoding="utf-8")
     with pytest.raises(CalibrationError, match="holds no text"):
         calibration_texts(str(tmp_path / "empty.txt"), samples=5)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))  # not UTF-8: byte 3 is 0xe9
+    with pytest.raises(ConfigError, match=r"latin\.txt is not UTF-8 text \(byte 3"):
+        read_texts(latin)
 
 
 def test_unknown_source_suggests_a_close_match() -> None:
