@@ -42,7 +42,7 @@ class ModelSpec:
     """One exported model of the matrix and the facts analysis must find in it."""
 
     name: str
-    family: str  # bert, roberta, distilbert, gpt2, llama; the zoo: albert, deberta-v2, opt, gpt-neox
+    family: str  # bert, roberta, distilbert, gpt2, llama; the zoo: albert, deberta-v2, opt, gpt-neox, bert-cls
     attention: str = "eager"  # transformers attention implementation: eager or sdpa
     exporter: str = "legacy"  # legacy (TorchScript) or dynamo
     opset: int = 17
@@ -95,12 +95,14 @@ MATRIX: dict[str, ModelSpec] = {s.name: s for s in (
 # Architectures outside the matrix that once failed somewhere in the pipeline, run end to end only (no analysis
 # ground truth): ALBERT (one weight shared by every layer, behind the exporter's Identity nodes), DeBERTa-v2
 # (batch and heads merged into one axis, [B*H, S, S]), OPT (the stream reshaped to [B*S, D] inside each block;
-# learned positions offset by 2) and GPT-NeoX (parallel attention and MLP branches).
+# learned positions offset by 2), GPT-NeoX (parallel attention and MLP branches) and a BERT sequence classifier
+# (pooler and classifier GEMMs after the last block: a task head, not an unrecognised block).
 ZOO: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec(name="albert", family="albert"),
     ModelSpec(name="deberta-v2", family="deberta-v2"),
     ModelSpec(name="opt", family="opt"),
     ModelSpec(name="gpt-neox", family="gpt-neox"),
+    ModelSpec(name="bert-cls", family="bert-cls"),
 )}
 CAUSAL_FAMILIES = frozenset({"llama", "opt", "gpt-neox"})  # exported with their LM head (logits)
 
@@ -121,6 +123,10 @@ def model_path(name: str) -> Path:
 
 def _config(spec: ModelSpec, transformers: Any) -> Any:
     common = {"vocab_size": spec.vocab, "max_position_embeddings": 64}
+    if spec.family == "bert-cls":
+        return transformers.BertConfig(hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+                                       num_attention_heads=spec.heads, intermediate_size=spec.ffn, pad_token_id=0,
+                                       num_labels=2, **common)
     if spec.family in ("bert", "roberta"):
         cls = transformers.BertConfig if spec.family == "bert" else transformers.RobertaConfig
         return cls(hidden_size=spec.hidden, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
@@ -161,6 +167,8 @@ def torch_module(spec: ModelSpec) -> Any:
         return transformers.LlamaForCausalLM(config).eval()
     if spec.family in CAUSAL_FAMILIES:
         return transformers.AutoModelForCausalLM.from_config(config).eval()
+    if spec.family == "bert-cls":
+        return transformers.BertForSequenceClassification(config).eval()
     body = (transformers.BertModel(config, add_pooling_layer=False) if spec.family == "bert"
             else transformers.RobertaModel(config, add_pooling_layer=False) if spec.family == "roberta"
             else transformers.AutoModel.from_config(config))
@@ -183,7 +191,7 @@ def _export(spec: ModelSpec, path: Path) -> None:
 
 
 def _export_plain(torch: Any, spec: ModelSpec, module: Any, path: Path) -> None:
-    output = "logits" if spec.family in CAUSAL_FAMILIES else "last_hidden_state"
+    output = "logits" if spec.family in CAUSAL_FAMILIES | {"bert-cls"} else "last_hidden_state"
 
     class Wrapper(torch.nn.Module):  # type: ignore[misc,name-defined]
         def __init__(self) -> None:

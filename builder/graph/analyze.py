@@ -85,8 +85,13 @@ def analyze(model: onnx.ModelProto, name: str = "model") -> GraphReport:
             f"{num_layers} transformer blocks found but no LayerNorm or RMSNorm on the residual stream "
             "(another normalization is not recognised); those nodes get no role"
         )
-    if num_layers and leftovers:
-        warnings.append(f"{len(leftovers)} weight GEMM(s) outside the recognised blocks get the generic role 'gemm'")
+    task_head = _after_last_block(g, blocks, leftovers)
+    if task_head:  # a pooler or classifier after the encoder: expected, not a recognition failure
+        logger.info("%s: %d weight GEMM(s) after the last block (a task head) get the generic role 'gemm'", name,
+                    len(task_head))
+    if num_layers and len(leftovers) > len(task_head):
+        warnings.append(f"{len(leftovers) - len(task_head)} weight GEMM(s) outside the recognised blocks get the "
+                        "generic role 'gemm'")
     for text in warnings:
         logger.warning("%s: %s", name, text)
     heads, kv_heads, head_dim = _attention_geometry(g, out, blocks, by_node, hidden)
@@ -164,6 +169,14 @@ def _walk_stream(
         blocks.append(Block(res, layer, core))
         previous = res
     return blocks, warnings
+
+
+def _after_last_block(g: GraphIndex, blocks: list[Block], gemms: list[WeightGemm]) -> list[WeightGemm]:
+    """The ``gemms`` downstream of the last block's residual output (a task head such as a classifier)."""
+    if not blocks or not gemms:
+        return []
+    after = g.descendants([g.nodes[blocks[-1].residual.add].output[0]])
+    return [w for w in gemms if w.node in after]
 
 
 def _follows(g: GraphIndex, previous: Residual, current: Residual, gemm_ids: frozenset[int]) -> bool:
