@@ -3,7 +3,8 @@
 For each transformer layer two residual-stream tensors are compared with FP32 on the same sentences:
 after the attention sub-block and after the whole block. Post-LN (BERT) blocks carry the stream in the
 LayerNorm outputs (``attn_ln``, ``ffn_ln``); pre-LN (GPT) blocks in the residual sums
-(``attn_residual``, ``ffn_residual``); Llama-style decoders are pre-norm too. Padding tokens are excluded.
+(``attn_residual``, ``ffn_residual``); Llama-style decoders are pre-norm too. A parallel block (GPT-NeoX,
+Falcon) has one residual Add for attention and MLP together: the block point only. Padding tokens are excluded.
 """
 
 from __future__ import annotations
@@ -37,8 +38,14 @@ def stream_tensors(report: GraphReport) -> tuple[tuple[int, str, str], ...]:
     pre_ln = report.architecture in PRE_NORM_ARCHITECTURES
     rows = []
     for layer in range(report.num_layers):
+        # a parallel block (GPT-NeoX, Falcon) adds attention and MLP to the stream in one residual Add: the block
+        parallel = (pre_ln and report.find(Role.FFN_RESIDUAL, layer) is None
+                    and report.find(Role.FC2, layer) is not None)
         for point, post_role, pre_role in _POINT_ROLES:
-            found = report.find(pre_role if pre_ln else post_role, layer)
+            role = pre_role if pre_ln else post_role
+            if parallel:
+                role = Role.ATTN_RESIDUAL if point == "block" else Role.FFN_RESIDUAL
+            found = report.find(role, layer)
             if found is not None and found.outputs:
                 rows.append((layer, point, found.outputs[0]))
     return tuple(rows)

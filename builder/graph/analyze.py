@@ -234,6 +234,8 @@ def _attention_geometry(g: GraphIndex, out: Collector, blocks: list[Block], gemm
     widths = {a.role: gemms[k].out_features for k, a in out.found.items()
               if a.layer == block.layer and k in gemms}
     if Role.QKV in widths and hidden is not None:
+        if _heads(hidden, head_dim) is None and head_dim % 3 == 0 and widths[Role.QKV] == 3 * hidden:
+            head_dim //= 3  # GPT-NeoX splits the fused QKV per head: Reshape(qkv, [b, s, heads, 3 * head_dim])
         kv_width = (widths[Role.QKV] - hidden) // 2
         return _heads(hidden, head_dim), _heads(kv_width, head_dim), head_dim
     return _heads(widths.get(Role.Q_PROJ), head_dim), _heads(widths.get(Role.K_PROJ), head_dim), head_dim

@@ -43,6 +43,11 @@ def test_every_stage_and_what_once_broke(run: tuple[str, StagesRun]) -> None:
         assert len(heads) == 2 and report.warnings == ()
         assert {a.node for a in heads} <= {w.node for w in stages.result.plan.weights}
     if name == "gpt-neox":
+        spec = ZOO[name]
+        assert (report.num_heads, report.num_kv_heads, report.head_dim) == (spec.heads, spec.heads, spec.head_dim)
+        # one residual Add per parallel block: reported as the block point, and no attention point
+        assert {(row.layer, row.point) for row in stages.accuracy.layer_errors
+                if row.relative_error is not None} == {(layer, "block") for layer in range(spec.layers)}
         for layer in range(ZOO[name].layers):
             roles = {a.role for a in report.in_layer(layer)}
             assert {Role.FFN_LN, Role.FC1, Role.FFN_ACT, Role.FC2, Role.QKV, Role.ATTN_OUT} <= roles
