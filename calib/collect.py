@@ -356,6 +356,7 @@ def _session(proto: onnx.ModelProto, model_bytes: bytes, names: tuple[str, ...],
         session_options.intra_op_num_threads = opts.threads
     # idle intra-op threads would spin for the next operator and take the cores the fold threads need
     session_options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session_options.log_severity_level = 4  # run failures surface as exceptions (calib.outputs), not log lines
     session = ort.InferenceSession(instrumented, session_options, providers=["CPUExecutionProvider"])
     check_float_outputs(session, names)
     return session

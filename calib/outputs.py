@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from calib.errors import CalibrationError
+
 Feed = Mapping[str, npt.NDArray[Any]]
 
 
@@ -21,4 +23,16 @@ def run_unbound(session: Any, names: Sequence[str], feed: Feed) -> list[npt.NDAr
     import onnxruntime as ort
 
     inputs = {k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()}
-    return [value.numpy() for value in session.run_with_ort_values(list(names), inputs)]
+    try:
+        values = session.run_with_ort_values(list(names), inputs)
+    except Exception as exc:  # ONNX Runtime's Fail, InvalidArgument, RuntimeException: the model cannot run this
+        raise model_run_error(feed, exc) from exc
+    return [value.numpy() for value in values]
+
+
+def model_run_error(feed: Feed, exc: Exception) -> CalibrationError:
+    """The error for a model that ONNX Runtime cannot run on ``feed`` (a broken export, shapes it cannot take)."""
+    shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feed.items())
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CalibrationError(f"ONNX Runtime cannot run the model on a calibration batch ({shapes}): {reason}. "
+                            "Check that the FP32 model runs in ONNX Runtime on inputs of these shapes")

@@ -42,7 +42,8 @@ class ModelSpec:
     """One exported model of the matrix and the facts analysis must find in it."""
 
     name: str
-    family: str  # bert, roberta, distilbert, gpt2, llama; the zoo: albert, deberta-v2, opt, gpt-neox, bert-cls
+    family: str  # bert, roberta, distilbert, gpt2, llama; the zoo: albert, deberta-v2, opt, gpt-neox, bert-cls,
+    # gemma2, cohere
     attention: str = "eager"  # transformers attention implementation: eager or sdpa
     exporter: str = "legacy"  # legacy (TorchScript) or dynamo
     opset: int = 17
@@ -96,15 +97,18 @@ MATRIX: dict[str, ModelSpec] = {s.name: s for s in (
 # ground truth): ALBERT (one weight shared by every layer, behind the exporter's Identity nodes), DeBERTa-v2
 # (batch and heads merged into one axis, [B*H, S, S]), OPT (the stream reshaped to [B*S, D] inside each block;
 # learned positions offset by 2), GPT-NeoX (parallel attention and MLP branches) and a BERT sequence classifier
-# (pooler and classifier GEMMs after the last block: a task head, not an unrecognised block).
+# (pooler and classifier GEMMs after the last block: a task head, not an unrecognised block), Gemma 2 (attention
+# logits soft-capped by a Tanh) and Cohere (a parallel block summed as (x + attn) + mlp).
 ZOO: dict[str, ModelSpec] = {s.name: s for s in (
     ModelSpec(name="albert", family="albert"),
     ModelSpec(name="deberta-v2", family="deberta-v2"),
     ModelSpec(name="opt", family="opt"),
     ModelSpec(name="gpt-neox", family="gpt-neox"),
     ModelSpec(name="bert-cls", family="bert-cls"),
+    ModelSpec(name="gemma2", family="gemma2", kv_heads=2),
+    ModelSpec(name="cohere", family="cohere", exporter="dynamo", opset=18),  # its TorchScript trace cannot run
 )}
-CAUSAL_FAMILIES = frozenset({"llama", "opt", "gpt-neox"})  # exported with their LM head (logits)
+CAUSAL_FAMILIES = frozenset({"llama", "opt", "gpt-neox", "gemma2", "cohere"})  # exported with their LM head (logits)
 
 
 def _versions() -> str:
@@ -146,6 +150,14 @@ def _config(spec: ModelSpec, transformers: Any) -> Any:
         return transformers.OPTConfig(hidden_size=spec.hidden, num_hidden_layers=spec.layers, ffn_dim=spec.ffn,
                                       num_attention_heads=spec.heads, word_embed_proj_dim=spec.hidden, pad_token_id=0,
                                       **common)
+    if spec.family == "gemma2":
+        return transformers.Gemma2Config(hidden_size=spec.hidden, num_hidden_layers=spec.layers, head_dim=spec.head_dim,
+                                         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+                                         intermediate_size=spec.ffn, sliding_window=16, **common)
+    if spec.family == "cohere":
+        return transformers.CohereConfig(hidden_size=spec.hidden, num_hidden_layers=spec.layers,
+                                         num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+                                         intermediate_size=spec.ffn, **common)
     if spec.family == "gpt-neox":
         return transformers.GPTNeoXConfig(hidden_size=spec.hidden, num_hidden_layers=spec.layers,
                                           num_attention_heads=spec.heads, intermediate_size=spec.ffn, **common)

@@ -109,8 +109,16 @@ class OrtRunner:
         rows = _rows(chosen)
         fixed = self.fixed_batch
         if fixed is None or rows is None or rows == fixed:
-            return [np.asarray(r) for r in self.session.run(list(outputs), chosen)]
+            return self._session_run(list(outputs), chosen)
         return self._run_in_fixed_batches(chosen, list(outputs), rows, fixed)
+
+    def _session_run(self, outputs: list[str], feeds: Feeds) -> list[npt.NDArray[Any]]:
+        try:
+            return [np.asarray(r) for r in self.session.run(outputs, feeds)]
+        except Exception as exc:  # ONNX Runtime's Fail, InvalidArgument, RuntimeException
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise GraphError(f"ONNX Runtime cannot run the model on inputs {shapes}: {reason}") from exc
 
     @property
     def fixed_batch(self) -> int | None:
@@ -128,7 +136,7 @@ class OrtRunner:
             take = min(fixed, rows - start)
             piece = {n: np.concatenate([v[start:start + take]] + [v[start + take - 1:start + take]] * (fixed - take))
                      for n, v in feeds.items()}
-            got = [np.asarray(r) for r in self.session.run(outputs, piece)]
+            got = self._session_run(outputs, piece)
             for name, value in zip(outputs, got, strict=True):
                 if value.ndim == 0 or value.shape[0] % fixed:
                     raise ConfigError(f"the model takes batches of exactly {fixed} and its output {name!r} of shape "

@@ -23,7 +23,7 @@ from builder.graph.topology import GraphIndex
 
 # element-wise or layout ops allowed between QK^T and Softmax (scale, mask, casts)
 _SCORE_OPS = frozenset({"Div", "Mul", "Add", "Sub", "Where", "Cast", "Reshape", "Transpose", "Clip", "Max", "Min",
-                        "Identity"})
+                        "Identity", "Tanh"})  # Tanh: logit soft-capping, softcap * tanh(scores / softcap) (Gemma 2)
 # ops allowed between Softmax and the PV MatMul
 _PROB_OPS = frozenset({"Cast", "Dropout", "Identity", "Where", "Reshape"})
 # layout-only ops skipped when looking for the activation in front of fc2
@@ -105,7 +105,31 @@ def find_residuals(g: GraphIndex, weight_gemms: frozenset[int]) -> tuple[Residua
                 found.append(Residual(i, skip, branch, path))
                 confirmed.add(i)
                 break
+        else:
+            merged = _side_branch(g, i, found, weight_gemms, confirmed)
+            if merged is not None:
+                confirmed.discard(found[-1].add)
+                found[-1] = merged
+                confirmed.add(i)
     return tuple(found)
+
+
+def _side_branch(g: GraphIndex, i: int, found: list[Residual], weight_gemms: frozenset[int],
+                 confirmed: set[int]) -> Residual | None:
+    """The last residual ``r = x + a`` widened by Add ``i = r + m(x)``: a parallel block summed in that order
+    (Cohere: ``x + attn(norm(x)) + mlp(norm(x))``), whose second branch also reads the skip ``x``."""
+    if not found:
+        return None
+    last = found[-1]
+    out = g.nodes[last.add].output[0]
+    node = g.nodes[i]
+    if out not in node.input:
+        return None
+    other = node.input[1] if node.input[0] == out else node.input[0]
+    path = g.between(last.skip, other)
+    if not path & weight_gemms or path & confirmed:
+        return None
+    return Residual(i, last.skip, other, last.branch_nodes | path | {last.add})
 
 
 # Fused ops whose insides (attention core, residual + norm, weight dequantization) analysis cannot see; an

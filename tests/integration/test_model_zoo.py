@@ -42,6 +42,10 @@ def test_every_stage_and_what_once_broke(run: tuple[str, StagesRun]) -> None:
         heads = [a for a in report.assignments if a.role == Role.GEMM]
         assert len(heads) == 2 and report.warnings == ()
         assert {a.node for a in heads} <= {w.node for w in stages.result.plan.weights}
+    if name in ("gemma2", "cohere"):  # soft-capped scores found as attention; the second parallel Add joins the block
+        for layer in range(ZOO[name].layers):
+            roles = {a.role for a in report.in_layer(layer)}
+            assert {Role.ATTN_QK, Role.ATTN_SOFTMAX, Role.ATTN_PV, Role.GATE_PROJ, Role.UP_PROJ, Role.FC2} <= roles
     if name == "gpt-neox":
         spec = ZOO[name]
         assert (report.num_heads, report.num_kv_heads, report.head_dim) == (spec.heads, spec.heads, spec.head_dim)
