@@ -30,9 +30,15 @@ def run_unbound(session: Any, names: Sequence[str], feed: Feed) -> list[npt.NDAr
     return [value.numpy() for value in values]
 
 
-def model_run_error(feed: Feed, exc: Exception) -> CalibrationError:
-    """The error for a model that ONNX Runtime cannot run on ``feed`` (a broken export, shapes it cannot take)."""
+def run_failure(feed: Feed, exc: Exception) -> tuple[str, str]:
+    """``(input shapes, reason)`` of an ONNX Runtime run that failed on ``feed``, for an error message."""
     shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feed.items())
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return shapes, reason
+
+
+def model_run_error(feed: Feed, exc: Exception) -> CalibrationError:
+    """The error for a model that ONNX Runtime cannot run on ``feed`` (a broken export, shapes it cannot take)."""
+    shapes, reason = run_failure(feed, exc)
     return CalibrationError(f"ONNX Runtime cannot run the model on a calibration batch ({shapes}): {reason}. "
                             "Check that the FP32 model runs in ONNX Runtime on inputs of these shapes")

@@ -22,8 +22,9 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
-from calib.errors import CalibrationError, ConfigError, GraphError
+from calib.errors import CalibrationError, ConfigError
 from calib.model_inputs import ModelInputs, embedding_rows, model_inputs
+from calib.onnx_file import read_graph
 from calib.tokenizer_files import TokenizerFile, find_tokenizer, load_tokenizer_file
 
 logger = logging.getLogger(__name__)
@@ -184,10 +185,7 @@ def _load_graph(model: Path | onnx.ModelProto) -> onnx.ModelProto:
         return model
     if not Path(model).is_file():
         raise ConfigError(f"model file {model} does not exist")
-    try:
-        return onnx.load(str(model), load_external_data=False)  # structure only: weights stay on disk
-    except Exception as exc:  # protobuf's DecodeError and others: not an ONNX file
-        raise GraphError(f"{model} is not a readable ONNX model (truncated or not ONNX): {exc}") from exc
+    return read_graph(Path(model))  # structure only: weights stay on disk
 
 
 def open_text_encoder(

@@ -73,13 +73,13 @@ def default_seq(model_path: Path, past: int) -> str:
     """The default sequence range 1,128,128, capped at ``model_path``'s position table less ``past`` (a notice
     says so); unchanged when the graph shows no table or the table leaves no position (the build check then
     explains)."""
-    import onnx
-
     from builder.engine.validate import position_table_rows
+    from calib.errors import GraphError
+    from calib.onnx_file import read_graph
 
     try:
-        table = position_table_rows(onnx.load(str(model_path), load_external_data=False))
-    except Exception:  # no file yet, or not ONNX: the stages that read it explain
+        table = position_table_rows(read_graph(model_path))
+    except GraphError:  # no file yet, or not ONNX: the stages that read it explain
         table = None
     rows = DEFAULT_SEQ_MAX + past if table is None else table[1]
     top = rows - past

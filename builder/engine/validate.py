@@ -15,7 +15,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from calib.errors import BuildError, ConfigError, GraphError
+from calib.errors import BuildError, ConfigError
+from calib.onnx_file import read_graph
 
 logger = logging.getLogger(__name__)
 
@@ -26,10 +27,7 @@ def load_model_for_build(model_path: Path) -> onnx.ModelProto:
     """Load the graph without its weights and check that every external-data file exists."""
     if not model_path.is_file():
         raise ConfigError(f"model {str(model_path)!r} does not exist")
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:  # onnx raises DecodeError and others for a corrupt file
-        raise GraphError(f"cannot read the ONNX model {str(model_path)!r} (truncated or not ONNX): {exc}") from exc
+    model = read_graph(model_path)
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue

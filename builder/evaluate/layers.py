@@ -42,9 +42,9 @@ def stream_tensors(report: GraphReport) -> tuple[tuple[int, str, str], ...]:
         parallel = (pre_ln and report.find(Role.FFN_RESIDUAL, layer) is None
                     and report.find(Role.FC2, layer) is not None)
         for point, post_role, pre_role in _POINT_ROLES:
-            role = pre_role if pre_ln else post_role
-            if parallel:
-                role = Role.ATTN_RESIDUAL if point == "block" else Role.FFN_RESIDUAL
+            if parallel and point == "attn":
+                continue
+            role = Role.ATTN_RESIDUAL if parallel else pre_role if pre_ln else post_role
             found = report.find(role, layer)
             if found is not None and found.outputs:
                 rows.append((layer, point, found.outputs[0]))

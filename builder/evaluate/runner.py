@@ -18,6 +18,7 @@ import numpy.typing as npt
 import onnx
 
 from calib.errors import BackendUnavailable, ConfigError, GraphError, suggest
+from calib.outputs import run_failure
 from calib.text_encoder import EncodedBatch, TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class OrtRunner:
         self.session = _session_for(with_outputs(model, extra_outputs) if extra_outputs else model, threads)
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.output_names = tuple(o.name for o in self.session.get_outputs())
+        self.fixed_batch = _fixed_batch(self.session)
 
     def run(self, feeds: Feeds, outputs: Sequence[str]) -> list[npt.NDArray[Any]]:
         """Run one batch; ``feeds`` may hold extra inputs the model does not take."""
@@ -116,16 +118,8 @@ class OrtRunner:
         try:
             return [np.asarray(r) for r in self.session.run(outputs, feeds)]
         except Exception as exc:  # ONNX Runtime's Fail, InvalidArgument, RuntimeException
-            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items())
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            shapes, reason = run_failure(feeds, exc)
             raise GraphError(f"ONNX Runtime cannot run the model on inputs {shapes}: {reason}") from exc
-
-    @property
-    def fixed_batch(self) -> int | None:
-        """The batch size the model's inputs declare as a constant (an export with a static batch), or None."""
-        sizes = {i.shape[0] for i in self.session.get_inputs() if i.shape and isinstance(i.shape[0], int)}
-        dynamic = any(i.shape and not isinstance(i.shape[0], int) for i in self.session.get_inputs())
-        return next(iter(sizes)) if len(sizes) == 1 and not dynamic else None
 
     def _run_in_fixed_batches(self, feeds: Feeds, outputs: list[str], rows: int, fixed: int
                               ) -> list[npt.NDArray[Any]]:
@@ -144,6 +138,13 @@ class OrtRunner:
                                       f"{fixed}")
             parts.append([v[: v.shape[0] // fixed * take] for v in got])
         return [np.concatenate(column) for column in zip(*parts, strict=True)]
+
+
+def _fixed_batch(session: Any) -> int | None:
+    """The batch size the model's inputs declare as a constant (an export with a static batch), or None."""
+    sizes = {i.shape[0] for i in session.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    dynamic = any(i.shape and not isinstance(i.shape[0], int) for i in session.get_inputs())
+    return next(iter(sizes)) if len(sizes) == 1 and not dynamic else None
 
 
 def _rows(feeds: Feeds) -> int | None:

@@ -69,7 +69,8 @@ def analyze(model: onnx.ModelProto, name: str = "model") -> GraphReport:
         assign_block(out, block, by_node, rotaries)
     architecture = assign_norms(out, find_norms(g), blocks)
     hidden = _hidden_size(out, by_node)
-    _assign_lm_head(out, gemms, blocks, hidden, frozenset(o.name for o in model.graph.output))
+    after_last = g.descendants([g.nodes[blocks[-1].residual.add].output[0]]) if blocks else frozenset()
+    _assign_lm_head(out, gemms, after_last, hidden, frozenset(o.name for o in model.graph.output))
     leftovers = [w for w in gemms if w.node not in out.found]
     for w in leftovers:
         out.gemm(w, Role.GEMM, None)
@@ -85,7 +86,7 @@ def analyze(model: onnx.ModelProto, name: str = "model") -> GraphReport:
             f"{num_layers} transformer blocks found but no LayerNorm or RMSNorm on the residual stream "
             "(another normalization is not recognised); those nodes get no role"
         )
-    task_head = _after_last_block(g, blocks, leftovers)
+    task_head = [w for w in leftovers if w.node in after_last]
     if task_head:  # a pooler or classifier after the encoder: expected, not a recognition failure
         logger.info("%s: %d weight GEMM(s) after the last block (a task head) get the generic role 'gemm'", name,
                     len(task_head))
@@ -171,14 +172,6 @@ def _walk_stream(
     return blocks, warnings
 
 
-def _after_last_block(g: GraphIndex, blocks: list[Block], gemms: list[WeightGemm]) -> list[WeightGemm]:
-    """The ``gemms`` downstream of the last block's residual output (a task head such as a classifier)."""
-    if not blocks or not gemms:
-        return []
-    after = g.descendants([g.nodes[blocks[-1].residual.add].output[0]])
-    return [w for w in gemms if w.node in after]
-
-
 def _follows(g: GraphIndex, previous: Residual, current: Residual, gemm_ids: frozenset[int]) -> bool:
     """``current``'s skip is ``previous``'s output, directly or through GEMM-free nodes (a LayerNorm)."""
     prev_out = g.nodes[previous.add].output[0]
@@ -188,14 +181,13 @@ def _follows(g: GraphIndex, previous: Residual, current: Residual, gemm_ids: fro
     return bool(path) and not path & gemm_ids
 
 
-def _assign_lm_head(out: Collector, gemms: tuple[WeightGemm, ...], blocks: list[Block], hidden: int | None,
+def _assign_lm_head(out: Collector, gemms: tuple[WeightGemm, ...], after: frozenset[int], hidden: int | None,
                     outputs: frozenset[str]) -> None:
-    """LM_HEAD: a weight GEMM after the last block, wider than the hidden size, whose output reaches a graph
+    """LM_HEAD: a weight GEMM ``after`` the last block, wider than the hidden size, whose output reaches a graph
     output without another weight GEMM (the vocabulary projection, tied to the embedding or not)."""
-    if not blocks or hidden is None:
+    if not after or hidden is None:
         return
     g = out.g
-    after = g.descendants([g.nodes[blocks[-1].residual.add].output[0]])
     gemm_ids = frozenset(w.node for w in gemms)
     for w in gemms:
         if w.node in out.found or w.node not in after or w.out_features <= hidden:

@@ -18,10 +18,10 @@ import logging
 from pathlib import Path
 
 import onnx
-from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
 from calib.errors import ConfigError, GraphError, suggest
+from calib.onnx_file import read_graph
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,7 @@ def load_model(path: Path, *, weights: bool = True) -> onnx.ModelProto:
     """
     path = Path(path)
     _check_file(path)
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise GraphError(f"{path} is not a readable ONNX model (truncated or not ONNX): {exc}") from exc
+    model = read_graph(path)
     if not model.HasField("graph") or len(model.graph.node) == 0:
         raise GraphError(f"{path} is not an ONNX model: it has no graph nodes (truncated or not ONNX?)")
     check_opset(model, str(path))

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from calib.errors import ConfigError, GraphError
+from calib.errors import ConfigError
+from calib.onnx_file import read_graph
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -41,10 +42,7 @@ class InputSpec:
 
 def onnx_inputs(model_path: Path) -> tuple[InputSpec, ...]:
     """Graph inputs of an ONNX file (initializers excluded), read without loading the weights."""
-    try:
-        model = onnx.load(str(model_path), load_external_data=False)
-    except Exception as exc:  # protobuf's DecodeError and others: not an ONNX file
-        raise GraphError(f"cannot read the ONNX model {str(model_path)!r} (truncated or not ONNX): {exc}") from exc
+    model = read_graph(model_path)
     initializers = {t.name for t in model.graph.initializer}
     specs = []
     for value in model.graph.input:
